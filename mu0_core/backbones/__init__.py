@@ -1,0 +1,1 @@
+"""Backbones (prefix encoders): `tiny` (packaged encoders) and `hf` (a transformers VLM)."""
