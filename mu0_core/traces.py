@@ -1,0 +1,95 @@
+"""Trace utilities for building datasets: arc-length re-timing and moving/static flags.
+
+μ0 forecasts *where* a point goes, not how fast (DESIGN.md: "re-timed by arc length"),
+so training targets are resampled to equal steps along the path. numpy only: this runs
+in data preparation, once per trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _valid_prefix_length(valid: np.ndarray) -> int:
+    """Number of leading True values in valid [T]."""
+    invalid = np.flatnonzero(~valid)
+    return int(invalid[0]) if len(invalid) else len(valid)
+
+
+def retime_by_arc_length(
+    points: Any,
+    valid: Any,
+    num_out: int,
+    min_total_length: float = 1e-6,
+    arc_points: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a trace to ``num_out`` samples equally spaced in arc length.
+
+    points: [T, D]; valid: bool[T]. Only the valid prefix (up to the first invalid step)
+    is used: what follows a gap is not trusted to belong to the same motion.
+    arc_points: optional [T, M] in which to measure arc length (e.g. metric xyz while
+    resampling uvz, whose axes have different units); defaults to ``points``.
+
+    Returns (points_out [num_out, D] float64, valid_out bool[num_out]):
+    - a path shorter than ``min_total_length`` (a point that does not move) stays put:
+      every sample equals the start and is valid;
+    - a trace whose first step is invalid has nothing to resample: all samples are the
+      first input point and invalid.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    valid = np.asarray(valid, dtype=bool)
+    if points.ndim != 2 or valid.shape != points.shape[:1]:
+        raise ValueError(
+            f"points must be [T, D] and valid [T], got {points.shape} and {valid.shape}"
+        )
+    if num_out < 2:
+        raise ValueError(f"num_out must be >= 2, got {num_out}")
+    arc = points if arc_points is None else np.asarray(arc_points, dtype=np.float64)
+    if arc.ndim != 2 or arc.shape[0] != points.shape[0]:
+        raise ValueError(f"arc_points must be [T, M] with T = {points.shape[0]}, got {arc.shape}")
+
+    n = _valid_prefix_length(valid)
+    if n == 0:
+        return np.repeat(points[:1], num_out, axis=0), np.zeros(num_out, dtype=bool)
+    pts, arc = points[:n], arc[:n]
+    if not (np.isfinite(pts).all() and np.isfinite(arc).all()):
+        raise ValueError("non-finite values inside the valid prefix; mark those steps invalid")
+
+    seg = np.linalg.norm(np.diff(arc, axis=0), axis=-1)  # [n - 1]
+    s = np.concatenate([[0.0], np.cumsum(seg)])  # [n] arc length at each input sample
+    if s[-1] < min_total_length:
+        return np.repeat(pts[:1], num_out, axis=0), np.ones(num_out, dtype=bool)
+
+    target = np.linspace(0.0, s[-1], num_out)
+    # side="right" skips zero-length segments (a pause), so each target lands in a segment
+    # that actually moves and the division below is safe.
+    i = np.clip(np.searchsorted(s, target, side="right") - 1, 0, n - 2)
+    frac = np.zeros(num_out)
+    np.divide(target - s[i], seg[i], out=frac, where=seg[i] > 0)
+    out = pts[i] + np.clip(frac, 0.0, 1.0)[:, None] * (pts[i + 1] - pts[i])
+    out[-1] = pts[-1]  # land exactly on the end despite rounding in the cumulative sum
+    return out, np.ones(num_out, dtype=bool)
+
+
+def path_length(points: Any, valid: Any) -> np.ndarray:
+    """points [..., T, D], valid [..., T] -> [...] summed length of the steps whose two ends are valid."""
+    points = np.asarray(points, dtype=np.float64)
+    valid = np.asarray(valid, dtype=bool)
+    if valid.shape != points.shape[:-1]:
+        raise ValueError(f"valid must be [..., T] = {points.shape[:-1]}, got {valid.shape}")
+    step = np.linalg.norm(np.diff(points, axis=-2), axis=-1)  # [..., T - 1]
+    both = valid[..., 1:] & valid[..., :-1]
+    return np.where(both, step, 0.0).sum(-1)
+
+
+def is_moving(points: Any, valid: Any, threshold: float) -> np.ndarray:
+    """bool[...]: True where a point's valid path (points [..., T, D]) is longer than ``threshold``.
+
+    ``threshold`` is in the units of ``points`` (metres for xyz). Path length, not net
+    displacement, so a point that leaves and comes back still counts as moving.
+    """
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    return path_length(points, valid) > threshold

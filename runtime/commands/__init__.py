@@ -1,0 +1,1 @@
+"""Subcommands of `mu0`, one module each."""
