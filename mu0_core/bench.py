@@ -1,0 +1,77 @@
+"""Model benchmark: parameter counts and CPU latency of ``sample`` per preset.
+
+Latency covers one whole prediction as a server sees it: the frozen encoders on the image and
+depth, the fusion, and the trace expert's Euler steps. The instruction's text features are
+cached after the first call (instructions repeat frame after frame), and the figure without the
+cache is reported separately as ``text_encode_ms``.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mu0_core import synthetic
+
+
+def _percentiles(samples_s: list[float]) -> tuple[float, float]:
+    ms = np.asarray(samples_s) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 90))
+
+
+def bench_preset(
+    cfg,
+    queries: tuple[int, ...] = (16, 64),
+    repeats: int = 30,
+    warmup: int = 3,
+    num_steps: int = 4,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    from mu0_core.model import Mu0
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = Mu0(cfg).to(device).eval()
+    build_s = time.perf_counter() - t0
+    counts = model.count_parameters()
+    out: dict[str, Any] = {
+        "params_total": counts["total"],
+        "params_trainable": counts["trainable"],
+        "params_frozen": counts["frozen"],
+        "build_s": round(build_s, 2),
+        "device": device,
+        "num_steps": num_steps,
+        "random_weights": getattr(cfg.backbone, "model_dir", None) is None
+        and cfg.backbone.kind == "hf",
+    }
+    size = getattr(cfg.backbone, "image_size", None) or 224
+    for q in queries:
+        query = synthetic.make_query(q, image_size=(size, size), seed=q)
+        for _ in range(warmup):
+            model.sample(query, num_steps=num_steps)
+        times = []
+        for _ in tqdm(range(repeats), desc=f"{cfg.name} q{q}", leave=False):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.sample(query, num_steps=num_steps)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        p50, p90 = _percentiles(times)
+        out[f"sample_ms_p50_q{q}"] = round(p50, 2)
+        out[f"sample_ms_p90_q{q}"] = round(p90, 2)
+    # Cold text encoding (a new instruction), once per instruction in practice.
+    if hasattr(model.backbone, "_text_cache"):
+        model.backbone._text_cache.clear()
+        t = time.perf_counter()
+        model.backbone._encode_text(["a new instruction nobody used before"], torch.device(device))
+        out["text_encode_ms"] = round(1e3 * (time.perf_counter() - t), 2)
+    del model
+    gc.collect()
+    return out

@@ -1,0 +1,79 @@
+"""`mu0 info`: what a preset or checkpoint is (sizes, config, frozen parts)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="summarise a model preset or checkpoint")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="model preset (default: tiny)")
+    src.add_argument("--checkpoint", default=None, help="a μ0 checkpoint directory")
+    p.add_argument("--list", action="store_true", help="list the model presets and exit")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def load_model_from_args(args: argparse.Namespace, device: str = "cpu"):
+    """A model from --checkpoint, else a freshly initialised --preset (random trainable weights)."""
+    from configs import get_model_config
+    from mu0_core.checkpoint import load_checkpoint
+    from mu0_core.model import Mu0
+
+    if args.checkpoint:
+        model, meta = load_checkpoint(args.checkpoint, device)
+        return model, f"checkpoint {args.checkpoint}", meta
+    cfg = get_model_config(args.preset or "tiny")
+    return (
+        Mu0(cfg).to(device).eval(),
+        f"preset {cfg.name} (untrained: random trainable weights)",
+        {},
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from configs import list_model_presets
+
+    if args.list:
+        print("\n".join(list_model_presets()))
+        return 0
+    model, source, meta = load_model_from_args(args)
+    counts = model.count_parameters()
+    summary = {
+        "source": source,
+        "params": counts,
+        "frozen_modules": {
+            name: sum(p.numel() for p in m.parameters())
+            for name, m in model.backbone.frozen_modules().items()
+        },
+        "horizon": model.cfg.trace.horizon,
+        "history_steps": model.cfg.trace.history_steps,
+        "control_points": model.cfg.trace.num_ctrl,
+        "knots": model.cfg.trace.knots,
+        "euler_steps": model.cfg.train.num_sample_steps,
+        "units": "uv normalised to [-1, 1] (OpenCV pixels, v down), depth z in metres; camera frame OpenCV",
+        "config": model.cfg.to_dict(),
+    }
+    if meta:
+        summary["checkpoint"] = {
+            k: meta[k] for k in ("content_hash", "code_version", "created", "extra") if k in meta
+        }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"μ0 — {source}")
+    print(
+        f"  parameters: {counts['total'] / 1e6:.2f}M total, {counts['trainable'] / 1e6:.2f}M trainable, "
+        f"{counts['frozen'] / 1e6:.2f}M frozen"
+    )
+    for name, n in summary["frozen_modules"].items():
+        print(f"  frozen: {name} ({n / 1e6:.2f}M)")
+    print(
+        f"  traces: {summary['history_steps']} history steps → {summary['control_points']} "
+        f"{summary['knots']} B-spline control points → horizon {summary['horizon']}, "
+        f"{summary['euler_steps']} Euler steps"
+    )
+    print(f"  units: {summary['units']}")
+    return 0

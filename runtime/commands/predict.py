@@ -1,0 +1,114 @@
+"""`mu0 predict`: one prediction, printed and drawn over the image.
+
+Without inputs it uses a synthetic scene (so it runs anywhere); with ``--rgb`` it reads a
+PNG/JPEG, an optional depth ``.npy`` in metres, the intrinsics and query pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predict", help="forecast traces for one image and draw them")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="model preset (default: tiny, untrained)")
+    src.add_argument("--checkpoint", default=None, help="a μ0 checkpoint directory")
+    p.add_argument(
+        "--rgb", type=Path, default=None, help="image file (PNG/JPEG); default: a synthetic scene"
+    )
+    p.add_argument("--depth", type=Path, default=None, help="depth in metres, .npy float32[H, W]")
+    p.add_argument("--intrinsics", default=None, help="fx,fy,cx,cy in pixels (needed with --rgb)")
+    p.add_argument("--points", default=None, help='query pixels "u,v;u,v;..." (needed with --rgb)')
+    p.add_argument("--instruction", default=None, help="what should happen")
+    p.add_argument("--num-points", type=int, default=16, help="query points of the synthetic scene")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
+    p.add_argument("--out", type=Path, default=Path("outputs/predict.png"), help="picture to write")
+    p.set_defaults(func=run)
+
+
+def _query_from_files(args: argparse.Namespace):
+    import numpy as np
+
+    from mu0_core.geometry import pixels_to_uv
+    from mu0_core.types import HISTORY_STEPS, TraceQuery
+
+    if not (args.intrinsics and args.points and args.instruction):
+        raise SystemExit("mu0 predict: --rgb needs --intrinsics, --points and --instruction")
+    import matplotlib.image as mpimg
+
+    rgb = mpimg.imread(args.rgb)
+    if rgb.dtype != np.uint8:  # matplotlib reads PNG as float in [0, 1]
+        rgb = (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+    rgb = np.ascontiguousarray(rgb[..., :3])
+    H, W = rgb.shape[:2]
+    depth = None
+    if args.depth:
+        depth = np.load(args.depth, allow_pickle=False).astype(np.float32)
+        if depth.shape != (H, W):
+            raise SystemExit(f"mu0 predict: depth {depth.shape} does not match the image {(H, W)}")
+    fx, fy, cx, cy = (float(x) for x in args.intrinsics.split(","))
+    px = np.array(
+        [[float(c) for c in p.split(",")] for p in args.points.split(";")], dtype=np.float32
+    )
+    uv = pixels_to_uv(px, W, H)
+    if depth is not None:
+        z = depth[
+            np.clip(px[:, 1].round().astype(int), 0, H - 1),
+            np.clip(px[:, 0].round().astype(int), 0, W - 1),
+        ]
+    else:
+        z = np.ones(
+            len(px), dtype=np.float32
+        )  # unknown depth: 1 m, 3D outputs are then only up to scale
+    cur = np.concatenate([uv, z[:, None]], axis=1)
+    hist = np.repeat(cur[:, None], HISTORY_STEPS, axis=1)  # a single frame: no past motion
+    valid = np.zeros(hist.shape[:2], dtype=bool)
+    valid[:, -1] = True
+    return TraceQuery(
+        rgb=rgb,
+        instruction=args.instruction,
+        hist_uvz=hist,
+        intrinsics=(fx, fy, cx, cy),
+        depth_m=depth,
+        hist_valid=valid,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mu0_core import synthetic
+    from mu0_core.viz import draw_traces
+    from runtime.commands.info import load_model_from_args
+
+    model, source, _ = load_model_from_args(args)
+    if args.rgb:
+        query = _query_from_files(args)
+    else:
+        size = getattr(model.cfg.backbone, "image_size", None) or 224
+        query = synthetic.make_query(args.num_points, image_size=(size, size), seed=args.seed)
+        if args.instruction:
+            query = type(query)(**{**query.__dict__, "instruction": args.instruction})
+    pred = model.sample(query, num_steps=args.steps, seed=args.seed)
+    xyz = pred.traces_xyz_cam.numpy()
+    travel = np.linalg.norm(xyz[:, -1] - xyz[:, 0], axis=-1)
+    print(f"μ0 — {source}")
+    print(f"  instruction: {query.instruction!r}; {len(travel)} query points")
+    print(
+        f"  predicted 3D travel over the horizon: median {1e3 * np.median(travel):.1f} mm, "
+        f"max {1e3 * travel.max():.1f} mm; done by the end: {int(pred.done[:, -1].sum())}/{len(travel)}"
+    )
+    print("  timings: " + ", ".join(f"{k} {v:.1f} ms" for k, v in pred.timings_ms.items()))
+    path = draw_traces(
+        np.asarray(query.rgb),
+        pred.traces_uvz.numpy(),
+        args.out,
+        hist_uvz=np.asarray(query.hist_uvz),
+        done=pred.done.numpy(),
+        title=f"{source}\n{query.instruction}",
+    )
+    print(f"  picture: {path}")
+    return 0
