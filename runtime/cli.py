@@ -11,6 +11,7 @@ import sys
 COMMANDS = [
     "runtime.commands.info",
     "runtime.commands.predict",
+    "runtime.commands.serve",
     "runtime.commands.bench",
 ]
 

@@ -109,3 +109,23 @@ def test_tiny_overfits_a_small_batch(tiny_model):
         opt.step()
     after = eval_loss()
     assert after < before / 10, (before, after)
+
+
+def test_feature_cache_reuses_frozen_features(tiny_model, tmp_path):
+    from mu0_core.feature_cache import FeatureCache
+
+    batch = synthetic.make_batch(2, 4, seed=21)
+    cache = FeatureCache(tmp_path, tiny_model.backbone)
+    frames = [
+        (batch.rgb[i].numpy(), batch.depth_m[i].numpy(), batch.instructions[i]) for i in range(2)
+    ]
+    first = FeatureCache.collate([cache.encode(*f) for f in frames])
+    again = FeatureCache.collate([cache.encode(*f) for f in frames])
+    assert (cache.misses, cache.hits) == (2, 2)
+    fresh = tiny_model.backbone.encode_frozen(batch.rgb, batch.depth_m, batch.instructions)
+    for k in fresh:
+        assert torch.allclose(first[k], fresh[k], atol=1e-5), k
+        assert torch.equal(first[k], again[k])
+    # A different instruction is a different entry.
+    cache.encode(frames[0][0], frames[0][1], "something else")
+    assert cache.misses == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 # Repeats per preset: big random-weight VLMs are slow on a CPU; a few runs suffice for p50/p90.
@@ -24,6 +25,12 @@ def add_parser(sub) -> None:
     m.add_argument("--device", default="cpu")
     m.add_argument("--json", type=Path, default=None, help="write the figures here")
     m.set_defaults(func=run_model)
+    srv = what.add_parser(
+        "server", help="trace server: transport, websocket baseline, tiny μ0, batching"
+    )
+    srv.add_argument("--duration-s", type=float, default=2.0, help="seconds per measurement")
+    srv.add_argument("--json", type=Path, default=None, help="write the figures here")
+    srv.set_defaults(func=run_server)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -67,3 +74,90 @@ def _print_row(name: str, r: dict, queries: tuple[int, ...]) -> None:
         f"{name:6s}  params {r['params_total'] / 1e6:.1f}M total, {r['params_trainable'] / 1e6:.2f}M trainable"
         f"  |  {lat}  |  {r['device']}, {r['threads']} threads{note}"
     )
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Transport alone (trivial model) against a websocket server, then the tiny μ0 behind the
+    server: end-to-end latency, the model's own latency in the same run, and batching."""
+    import numpy as np
+    import torch
+
+    from mu0_core.types import TraceQuery
+    from runtime.bench_server import run_server_bench
+    from runtime.model_api import make_observation
+    from runtime.mu0_adapter import tiny_untrained
+
+    print("transport (trivial model) and websocket baseline ...", flush=True)
+    echo = run_server_bench(args.duration_s, compute_ms=5.0)
+    print("tiny μ0 behind the server ...", flush=True)
+    mu0 = run_server_bench(
+        2 * args.duration_s,
+        model_factory="runtime.mu0_adapter:tiny_untrained",
+        include_transport=False,
+    )
+    # The model's own sample() latency on the same observation, in this run, same machine.
+    obs = make_observation(num_queries=16, image_size=(224, 224), depth=True)
+    query = TraceQuery(
+        rgb=obs["rgb"],
+        instruction=obs["instruction"],
+        hist_uvz=obs["hist_uvz"],
+        intrinsics=tuple(float(x) for x in obs["intrinsics"]),
+        depth_m=obs["depth_m"],
+    )
+    model = tiny_untrained().model
+    for _ in range(3):
+        model.sample(query)
+    times = []
+    for _ in range(30):
+        t = time.perf_counter()
+        model.sample(query)
+        times.append(time.perf_counter() - t)
+    sample_p50 = float(np.percentile(np.asarray(times) * 1e3, 50))
+
+    def row(table, clients, batching):
+        return next(r for r in table if r["clients"] == clients and r["batching"] == batching)
+
+    e2e = row(mu0["table"], 1, False)
+    result = {
+        **{k: v for k, v in echo.items() if k not in ("table", "model")},
+        "echo_table": echo["table"],
+        "mu0_table": mu0["table"],
+        "mu0_e2e_p50_ms": e2e["p50_ms"],
+        "mu0_sample_p50_ms": round(sample_p50, 3),
+        "server_overhead_p50_ms": round(e2e["p50_ms"] - sample_p50, 3),
+        "batching_speedup_16": round(
+            row(mu0["table"], 16, True)["throughput_hz"]
+            / row(mu0["table"], 16, False)["throughput_hz"],
+            2,
+        ),
+        "batching_speedup_16_echo": round(
+            row(echo["table"], 16, True)["throughput_hz"]
+            / row(echo["table"], 16, False)["throughput_hz"],
+            2,
+        ),
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(
+        f"transport p50 {result['transport_p50_ms']:.3f} ms (p99 {result['transport_p99_ms']:.3f}); "
+        f"websocket p50 {result['websocket_p50_ms']:.3f} ms -> {result['transport_vs_websocket_speedup']:.2f}x"
+    )
+    print(
+        f"tiny μ0: end-to-end p50 {result['mu0_e2e_p50_ms']:.2f} ms, sample() p50 "
+        f"{result['mu0_sample_p50_ms']:.2f} ms -> server adds {result['server_overhead_p50_ms']:.2f} ms"
+    )
+    print(
+        f"batching at 16 clients: tiny μ0 {result['batching_speedup_16']:.2f}x, "
+        f"trivial model (5 ms/batch) {result['batching_speedup_16_echo']:.2f}x"
+    )
+    for name, table in (("trivial", echo["table"]), ("tiny μ0", mu0["table"])):
+        print(f"  {name:8s} clients batching  p50_ms  p99_ms  req/s")
+        for r in table:
+            print(
+                f"  {'':8s} {r['clients']:7d} {'on' if r['batching'] else 'off':8s} "
+                f"{r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {r['throughput_hz']:7.1f}"
+            )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

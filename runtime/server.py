@@ -1,0 +1,566 @@
+"""The trace server: one ROUTER socket, one inference worker, dynamic batching.
+
+Two threads, one rule: only the socket thread touches the ROUTER (and the PUB) socket,
+and it never calls the model. It decodes and validates requests, answers hello / ping /
+stats at once, and puts each predict into its client's single *pending slot* — a newer
+request from the same client replaces the older one, which is answered ``superseded``.
+The inference worker takes up to ``max_batch`` pending slots (waiting at most
+``batch_window_ms`` for the other active clients), calls ``model.predict_batch``,
+and hands the results back through a queue plus an inproc PAIR wake-up, so the socket
+thread's poll sees them. A slow client never blocks anyone: ROUTER drops what a peer
+does not read once its high-water mark is full. Wire format: runtime/wire.py and
+docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from runtime import wire
+from runtime.model_api import TraceModel
+from runtime.wire import ErrorCode, Kind, WireError
+
+log = logging.getLogger("mu0.server")
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_CLIENT_IDLE_S = 60.0  # forget per-client state (rate bucket) after this long unheard
+
+
+def log_event(level: int, event: str, **fields: Any) -> None:
+    """A structured log line: ``event=<name> key=value ...``; the JSON formatter of
+    ``mu0 serve --log-json`` reads the same fields from the record."""
+    if not log.isEnabledFor(level):
+        return
+    text = " ".join([f"event={event}", *(f"{k}={v}" for k, v in fields.items())])
+    log.log(level, "%s", text, extra={"event": event, "fields": fields})
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """CURVE encryption and authentication: the server's key pair and the z85 public
+    keys of the clients it accepts. Any other client fails the handshake (gets nothing)."""
+
+    server_public: bytes
+    server_secret: bytes
+    allowed_clients: frozenset[bytes]
+
+    @classmethod
+    def from_files(
+        cls, server_secret_file: str | Path, allowed: Iterable[str | Path]
+    ) -> CurveConfig:
+        """``server_secret_file`` is a ``*.key_secret`` written by ``zmq.auth``; each entry
+        of ``allowed`` is a client ``*.key`` file or a directory of them."""
+        import zmq.auth
+
+        public, secret = zmq.auth.load_certificate(server_secret_file)
+        if secret is None:
+            raise ValueError(f"{server_secret_file} holds no secret key (need *.key_secret)")
+        keys: set[bytes] = set()
+        for entry in map(Path, allowed):
+            files = sorted(entry.glob("*.key")) if entry.is_dir() else [entry]
+            for f in files:
+                keys.add(zmq.auth.load_certificate(f)[0])
+        if not keys:
+            raise ValueError("CURVE needs at least one allowed client public key")
+        return cls(public, secret, frozenset(keys))
+
+
+class _AllowList:
+    """Credentials provider for zmq's ZAP authenticator."""
+
+    def __init__(self, keys: frozenset[bytes]) -> None:
+        self.keys = keys
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        allowed = client_key in self.keys
+        if not allowed:
+            log_event(logging.WARNING, "curve_denied", client_key=client_key.decode())
+        return allowed
+
+
+@dataclass
+class _Pending:
+    """One predict waiting in its client's slot (arrays are views over ``frames``)."""
+
+    identity: bytes
+    request_id: int
+    obs: dict[str, Any]
+    t_recv: float
+
+
+@dataclass
+class _Result:
+    pending: _Pending
+    prediction: dict[str, Any] | None  # None when the batch failed
+    t_start: float
+    t_end: float
+    batch_size: int
+
+
+@dataclass
+class _ClientState:
+    tokens: float
+    last_seen: float
+    requests: int = 0
+
+
+@dataclass
+class _Stats:
+    """Counters and rolling windows, owned by the socket thread."""
+
+    started: float = field(default_factory=time.monotonic)
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    errors: collections.Counter = field(default_factory=collections.Counter)
+    trace_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20000))
+    latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+    infer_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+    batch_sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+
+    def snapshot(self, clients: int, pending: int) -> dict[str, Any]:
+        now = time.monotonic()
+        uptime = now - self.started
+        window = min(5.0, max(uptime, 1e-3))
+        recent = sum(1 for t in self.trace_times if now - t <= window)
+        sizes = list(self.batch_sizes)
+        return {
+            "uptime_s": round(uptime, 3),
+            "requests_per_s": round(recent / window, 2),
+            "latency_ms": _percentiles(self.latency_ms),
+            "infer_ms": _percentiles(self.infer_ms),
+            "batch_size": {
+                "mean": round(float(np.mean(sizes)), 3) if sizes else 0.0,
+                "max": max(sizes, default=0),
+                "histogram": {str(k): v for k, v in sorted(collections.Counter(sizes).items())},
+            },
+            "counts": dict(self.counts),
+            "errors": dict(self.errors),
+            "clients": clients,
+            "pending": pending,
+        }
+
+
+def _percentiles(values: Iterable[float]) -> dict[str, float]:
+    data = np.asarray(list(values), dtype=np.float64)
+    if data.size == 0:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0, "n": 0}
+    p50, p90, p99 = np.percentile(data, [50, 90, 99])
+    return {
+        "p50": round(float(p50), 3),
+        "p90": round(float(p90), 3),
+        "p99": round(float(p99), 3),
+        "max": round(float(data.max()), 3),
+        "n": int(data.size),
+    }
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+class TraceServer:
+    """Serves a ``TraceModel`` on ``tcp://host:port`` (port 0 picks a free one).
+
+    ``batch_window_ms`` = 0 with ``max_batch`` = 1 turns batching off. ``rate_limit_hz``
+    = 0 turns the per-client limit off. ``pub_port`` (0 = pick one) opens a read-only
+    PUB socket where every trace is also published for observers.
+    """
+
+    def __init__(
+        self,
+        model: TraceModel,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        batch_window_ms: float = 2.0,
+        max_batch: int = 16,
+        max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
+        rate_limit_hz: float = 200.0,
+        curve: CurveConfig | None = None,
+        pub_port: int | None = None,
+        max_pending: int = 256,
+        send_hwm: int = 64,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.model = model
+        self.metadata = dict(model.metadata())
+        self.host = host
+        self.batch_window_s = batch_window_ms / 1e3
+        self.max_batch = max_batch
+        self.max_message_bytes = max_message_bytes
+        self.rate_limit_hz = rate_limit_hz
+        self.max_pending = max_pending
+        self.curve = curve
+        if host not in _LOOPBACK and curve is None:
+            log_event(
+                logging.WARNING, "insecure_bind", host=host, hint="use --curve beyond loopback"
+            )
+
+        self._ctx = zmq.Context()
+        self._auth = None
+        if curve is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback(
+                "*", credentials_provider=_AllowList(curve.allowed_clients)
+            )
+
+        self._router = self._socket(zmq.ROUTER, send_hwm)
+        # The transport drops (and disconnects) frames far above our limit before they
+        # are buffered; messages just above it still reach us and get a typed TOO_LARGE.
+        self._router.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + (1 << 20))
+        self.port = self._bind(self._router, port)
+        self.address = f"tcp://{host}:{self.port}"
+
+        self._pub: zmq.Socket | None = None
+        self.pub_port: int | None = None
+        self.pub_address: str | None = None
+        if pub_port is not None:
+            self._pub = self._socket(zmq.PUB, send_hwm)
+            self.pub_port = self._bind(self._pub, pub_port)
+            self.pub_address = f"tcp://{host}:{self.pub_port}"
+
+        wake = f"inproc://mu0-wake-{id(self)}"
+        self._wake_rx = self._ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(wake)
+        self._wake_tx = self._ctx.socket(zmq.PAIR)  # used by the worker thread only
+        self._wake_tx.connect(wake)
+
+        self._cond = threading.Condition()
+        self._pending: dict[bytes, _Pending] = {}  # guarded by _cond; insertion = FIFO
+        self._results: queue.SimpleQueue[list[_Result]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._closed = threading.Event()
+        self._clients: dict[bytes, _ClientState] = {}
+        # Clients that sent a predict within the last second: the worker waits for at most
+        # this many, so a lone client never sits out the batch window for nobody.
+        self._recent_predictors: dict[bytes, float] = {}
+        self._active_predictors = 0
+        self._stats = _Stats()
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _socket(self, kind: int, send_hwm: int) -> zmq.Socket:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, send_hwm)
+        if self.curve is not None:
+            sock.curve_secretkey = self.curve.server_secret
+            sock.curve_publickey = self.curve.server_public
+            sock.curve_server = True
+        return sock
+
+    def _bind(self, sock: zmq.Socket, port: int) -> int:
+        if port == 0:
+            return sock.bind_to_random_port(f"tcp://{self.host}")
+        sock.bind(f"tcp://{self.host}:{port}")
+        return port
+
+    def start(self) -> TraceServer:
+        """Start the socket and inference threads and return at once."""
+        if self._threads:
+            return self
+        self._threads = [
+            threading.Thread(target=self._socket_loop, name="mu0-socket", daemon=True),
+            threading.Thread(target=self._worker_loop, name="mu0-infer", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        log_event(
+            logging.INFO,
+            "serving",
+            address=self.address,
+            pub=self.pub_address,
+            model=self.metadata.get("model_id"),
+            max_batch=self.max_batch,
+            window_ms=self.batch_window_s * 1e3,
+            curve=self.curve is not None,
+        )
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve until ``shutdown()`` (a signal handler may call it), then clean up."""
+        self.start()
+        while not self._stop.wait(0.2):  # short waits keep the main thread signal-responsive
+            pass
+        self.close()
+
+    def shutdown(self) -> None:
+        """Ask both threads to stop; safe from a signal handler."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Stop, join the threads and release the sockets. Idempotent."""
+        if self._closed.is_set():
+            return
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=5.0)
+        for sock in (self._router, self._pub, self._wake_rx, self._wake_tx):
+            if sock is not None:
+                sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+        self._closed.set()
+        log_event(logging.INFO, "stopped", **self._stats.counts)
+
+    def __enter__(self) -> TraceServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Live statistics (the body of a ``stats_ok`` reply)."""
+        with self._cond:
+            pending = len(self._pending)
+        return self._stats.snapshot(len(self._clients), pending)
+
+    # ------------------------------------------------------------------ socket thread
+
+    def _socket_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        last_prune = time.monotonic()
+        while not self._stop.is_set():
+            events = dict(poller.poll(50))
+            if self._wake_rx in events:
+                while self._wake_rx.poll(0):
+                    self._wake_rx.recv(zmq.NOBLOCK)
+            self._send_results()
+            if self._router in events:
+                # Bounded drain so results are not starved by a flood of requests.
+                for _ in range(256):
+                    try:
+                        frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+            now = time.monotonic()
+            if now - last_prune > 0.25:
+                self._prune_clients(now)
+                last_prune = now
+        self._send_results()  # answer what finished before the stop
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        t_recv = time.perf_counter()
+        identity = frames[0].bytes
+        request_id: int | None = None
+        try:
+            header = wire.decode(frames[1:], self.max_message_bytes)
+            request_id = header.get("id") if type(header.get("id")) is int else None
+            kind, request_id, body = wire.check_header(header, wire.REQUEST_KINDS)
+            # After decoding (cheap: no copies) so the refusal names the request it refuses.
+            self._admit(identity)
+            self._stats.counts[kind.value] += 1
+            if kind is Kind.PREDICT:
+                self._enqueue_predict(identity, request_id, body, t_recv)
+            elif kind is Kind.HELLO:
+                self._send(
+                    identity, wire.reply(Kind.HELLO_OK, request_id, self._hello_body()), t_recv
+                )
+            elif kind is Kind.PING:
+                self._send(identity, wire.reply(Kind.PONG, request_id), t_recv)
+            elif kind is Kind.STATS:
+                self._send(identity, wire.reply(Kind.STATS_OK, request_id, self.stats()), t_recv)
+        except WireError as exc:
+            rid = request_id if request_id is not None else exc.request_id
+            self._send_error(identity, exc.code, exc.message, rid, t_recv)
+        except Exception:  # never let one request take the loop down
+            log.error("event=handler_failed\n%s", traceback.format_exc())
+            self._send_error(
+                identity, ErrorCode.INTERNAL, "internal server error", request_id, t_recv
+            )
+
+    def _admit(self, identity: bytes) -> None:
+        """Per-client token bucket (capacity one second's worth, at least 2)."""
+        now = time.monotonic()
+        state = self._clients.get(identity)
+        if state is None:
+            state = self._clients[identity] = _ClientState(
+                tokens=self._bucket_size(), last_seen=now
+            )
+        if self.rate_limit_hz > 0:
+            elapsed = now - state.last_seen
+            state.tokens = min(self._bucket_size(), state.tokens + elapsed * self.rate_limit_hz)
+        state.last_seen = now
+        state.requests += 1
+        if self.rate_limit_hz > 0:
+            if state.tokens < 1.0:
+                raise WireError(
+                    ErrorCode.RATE_LIMITED, f"more than {self.rate_limit_hz:g} requests/s"
+                )
+            state.tokens -= 1.0
+
+    def _bucket_size(self) -> float:
+        return max(2.0, self.rate_limit_hz)
+
+    def _prune_clients(self, now: float) -> None:
+        stale = [k for k, s in self._clients.items() if now - s.last_seen > _CLIENT_IDLE_S]
+        for k in stale:
+            del self._clients[k]
+        quiet = [k for k, t in self._recent_predictors.items() if now - t > 1.0]
+        for k in quiet:
+            del self._recent_predictors[k]
+        self._active_predictors = len(self._recent_predictors)
+
+    def _hello_body(self) -> dict[str, Any]:
+        return {
+            "protocol_version": wire.PROTOCOL_VERSION,
+            **self.metadata,
+            "max_batch": self.max_batch,
+            "batch_window_ms": self.batch_window_s * 1e3,
+            "max_message_bytes": self.max_message_bytes,
+            "rate_limit_hz": self.rate_limit_hz,
+            "pub_port": self.pub_port,
+            "dtypes": sorted(wire.SUPPORTED_DTYPES),
+        }
+
+    def _enqueue_predict(
+        self, identity: bytes, request_id: int, body: dict[str, Any], t_recv: float
+    ) -> None:
+        obs = body.get("obs")
+        if not isinstance(obs, dict):
+            raise WireError(ErrorCode.MALFORMED, "predict body needs an 'obs' map")
+        self.model.validate(obs)
+        item = _Pending(identity, request_id, obs, t_recv)
+        self._recent_predictors[identity] = time.monotonic()
+        self._active_predictors = max(self._active_predictors, len(self._recent_predictors))
+        with self._cond:
+            old = self._pending.get(identity)
+            if old is None and len(self._pending) >= self.max_pending:
+                raise WireError(ErrorCode.OVERLOADED, f"{len(self._pending)} clients waiting")
+            self._pending[identity] = item  # replacing keeps the client's place in line
+            self._cond.notify()
+        if old is not None:
+            self._stats.counts["superseded"] += 1
+            self._send(
+                identity,
+                wire.reply(Kind.SUPERSEDED, old.request_id, {"by": request_id}),
+                old.t_recv,
+            )
+
+    def _send_results(self) -> None:
+        while True:
+            try:
+                batch = self._results.get_nowait()
+            except queue.Empty:
+                return
+            if batch:
+                self._stats.batch_sizes.append(len(batch))
+                self._stats.infer_ms.append(_ms(batch[0].t_end - batch[0].t_start))
+            for r in batch:
+                p = r.pending
+                if r.prediction is None:
+                    self._send_error(
+                        p.identity, ErrorCode.INTERNAL, "model failed", p.request_id, p.t_recv
+                    )
+                    continue
+                timings = {
+                    "queue_ms": _ms(r.t_start - p.t_recv),
+                    "infer_ms": _ms(r.t_end - r.t_start),
+                    "batch_size": r.batch_size,
+                }
+                header = wire.reply(Kind.TRACE, p.request_id, r.prediction, timings)
+                self._send(p.identity, header, p.t_recv)
+                self._stats.trace_times.append(time.monotonic())
+                if self._pub is not None:
+                    header["client"] = p.identity.hex()
+                    self._pub.send_multipart([b"trace", *wire.encode(header)], copy=False)
+
+    def _send_error(
+        self, identity: bytes, code: ErrorCode, message: str, request_id: int | None, t_recv: float
+    ) -> None:
+        self._stats.errors[code.value] += 1
+        log_event(
+            logging.WARNING,
+            "request_error",
+            client=identity.hex(),
+            id=request_id,
+            code=code.value,
+            detail=repr(message),
+        )
+        self._send(identity, wire.error_reply(code, message, request_id), t_recv)
+
+    def _send(self, identity: bytes, header: dict[str, Any], t_recv: float) -> None:
+        """Stamp total server time (receive -> send) and send without copying arrays."""
+        total = time.perf_counter() - t_recv
+        header["timings"]["total_ms"] = _ms(total)
+        if header["kind"] == Kind.TRACE.value:
+            self._stats.latency_ms.append(_ms(total))
+        try:
+            self._router.send_multipart([identity, *wire.encode(header)], copy=False)
+        except zmq.ZMQError as exc:  # peer gone mid-send; nothing to do
+            log_event(logging.DEBUG, "send_failed", client=identity.hex(), error=exc)
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _worker_loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            t_start = time.perf_counter()
+            try:
+                predictions: list[dict[str, Any]] | list[None] = self.model.predict_batch(
+                    [p.obs for p in batch]
+                )
+                if len(predictions) != len(batch):
+                    raise RuntimeError(f"model returned {len(predictions)} for {len(batch)}")
+            except Exception:
+                log.error("event=model_failed batch=%d\n%s", len(batch), traceback.format_exc())
+                predictions = [None] * len(batch)
+            t_end = time.perf_counter()
+            self._results.put(
+                [
+                    _Result(p, pred, t_start, t_end, len(batch))
+                    for p, pred in zip(batch, predictions)
+                ]
+            )
+            try:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.Again:  # wake-ups already queued; the socket thread drains all results
+                pass
+
+    def _take_batch(self) -> list[_Pending] | None:
+        """Block for the first pending request, then wait until every recently active client
+        has a request pending (at most max_batch) or the batch window runs out.
+
+        The window starts when the worker is free, not when the oldest request arrived:
+        otherwise clients that arrive during a forward pass split into cohorts that take
+        turns in half-full batches forever, each waiting a whole pass extra."""
+        with self._cond:
+            while not self._pending and not self._stop.is_set():
+                self._cond.wait()
+            if self._stop.is_set():
+                return None
+            deadline = time.perf_counter() + self.batch_window_s
+            while not self._stop.is_set():
+                want = min(self.max_batch, max(1, self._active_predictors))
+                if len(self._pending) >= want:
+                    break
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            keys = list(itertools.islice(self._pending, self.max_batch))
+            return [self._pending.pop(k) for k in keys]

@@ -1,0 +1,81 @@
+"""Shared helpers for the runtime transport tests: servers in threads or processes, raw sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from runtime import wire
+from runtime.model_api import EchoTraceModel
+from runtime.server import TraceServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def running_server(model: Any = None, **kwargs: Any) -> Iterator[TraceServer]:
+    """A TraceServer on a free loopback port, in this process's threads."""
+    server = TraceServer(model or EchoTraceModel(), host="127.0.0.1", port=0, **kwargs)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def spawn_server(tmp_path: Path, port: int = 0, *extra: str) -> tuple[subprocess.Popen, int]:
+    """``python -m runtime.serve --trivial`` as a subprocess; returns (process, port)."""
+    port_file = tmp_path / f"port-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "runtime.serve", "--trivial", "--port", str(port)]
+    cmd += ["--port-file", str(port_file), *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 15.0
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    return proc, json.loads(port_file.read_text())["port"]
+
+
+class RawDealer:
+    """A bare DEALER for sending hand-made (and broken) frames."""
+
+    def __init__(self, address: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+
+    def send_frames(self, frames: list[Any]) -> None:
+        self.sock.send_multipart(frames, copy=False)
+
+    def send(self, header: dict[str, Any]) -> None:
+        self.send_frames(wire.encode(header))
+
+    def recv(self, timeout_s: float = 2.0) -> dict[str, Any] | None:
+        if not self.sock.poll(int(timeout_s * 1e3)):
+            return None
+        return wire.decode(self.sock.recv_multipart(copy=False))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    def __enter__(self) -> RawDealer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
