@@ -72,6 +72,9 @@ class TrainConfig:
     done_loss_weight: float = 0.1
     rigidity_weight: float = 0.05
     num_sample_steps: int = 4  # Euler steps at inference
+    # "flow" is μ0. "regression" and "tokens" are baselines on the same backbone and expert:
+    # control points regressed in one pass, and waypoints as tokens decoded autoregressively.
+    objective: Literal["flow", "regression", "tokens"] = "flow"
 
 
 @dataclass(frozen=True)

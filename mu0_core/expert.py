@@ -118,6 +118,7 @@ class ExpertContext:
     token_mask: Tensor  # bool[B, 2N]
     prefix_kv: list[tuple[Tensor, Tensor]]  # per layer
     prefix_mask: Tensor  # bool[B, P]
+    context: Tensor  # [B, P, D] the prefix projected to the expert's width
 
 
 class TraceExpert(nn.Module):
@@ -174,7 +175,9 @@ class TraceExpert(nn.Module):
         context = self.prefix_proj(prefix.tokens)  # [B, P, D]
         prefix_kv = [block.cross_attn.project_kv(context) for block in self.blocks]
         token_mask = torch.cat([point_mask, point_mask], dim=1)  # [B, 2N]
-        return ExpertContext(point_emb, hist_emb, token_mask, prefix_kv, prefix.mask.bool())
+        return ExpertContext(
+            point_emb, hist_emb, token_mask, prefix_kv, prefix.mask.bool(), context
+        )
 
     def step(self, ctx: ExpertContext, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """x_t: [B, N, C, 3] noisy normalised control points, t: [B] → (velocity [B, N, C, 3],

@@ -57,6 +57,17 @@ class Mu0(nn.Module):
             num_ctrl=self.num_free,
             horizon=tc.horizon,
         )
+        self.objective = cfg.train.objective
+        if self.objective == "tokens":
+            from mu0_core.token_decoder import TokenTraceDecoder
+
+            self.token_decoder = TokenTraceDecoder(
+                cfg.expert.width, cfg.expert.heads, layers=2, horizon=tc.horizon
+            )
+        elif self.objective not in ("flow", "regression"):
+            raise ValueError(
+                f"train.objective must be flow, regression or tokens, got {self.objective!r}"
+            )
         self.spline = bspline.SplineSpec(kind=tc.knots, num_ctrl=tc.num_ctrl, horizon=tc.horizon)
         basis = torch.tensor(np.asarray(self.spline.basis(), dtype=np.float32))  # [H, C]
         self.register_buffer("basis", basis, persistent=False)
@@ -146,6 +157,12 @@ class Mu0(nn.Module):
 
     # -- training ------------------------------------------------------------------------
 
+    def forward(
+        self, batch: TraceBatch, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict]:
+        """The training loss (``forward`` so DistributedDataParallel syncs gradients)."""
+        return self.loss(batch, generator)
+
     def loss(
         self, batch: TraceBatch, generator: torch.Generator | None = None
     ) -> tuple[Tensor, dict]:
@@ -161,10 +178,32 @@ class Mu0(nn.Module):
         ctx = self.expert.encode_context(prefix, hist_feat, cur, batch.point_mask.bool())
 
         ctrl, weight = self.control_point_targets(batch)  # [B, N, C-1, 3], [B, N]
+        if self.objective == "tokens":
+            rel = batch.future_uvz - cur[:, :, None]
+            valid_f = batch.future_valid.bool()
+            rel = torch.where(valid_f[..., None], rel, torch.zeros_like(rel))
+            token_loss = self.token_decoder.loss(
+                ctx.point_emb + ctx.hist_emb,
+                ctx.context,
+                ctx.prefix_mask,
+                rel,
+                valid_f,
+                weight,
+                self.token_scale(),
+            )
+            return token_loss, {"tokens": token_loss.detach(), "loss": token_loss.detach()}
         x1 = (ctrl - self.ctrl_mean) / self.ctrl_std
-        x0 = torch.randn(x1.shape, device=device, generator=generator)
-        t = flow.sample_time(B, tc.time_beta_a, tc.time_beta_b, device=device, generator=generator)
-        x_t, v_target = flow.interpolate(x0, x1, t)
+        if self.objective == "regression":
+            # One pass from a fixed input: the expert regresses the control points directly.
+            x0 = torch.zeros_like(x1)
+            t = torch.zeros(B, device=device)
+            x_t, v_target = x0, x1
+        else:
+            x0 = torch.randn(x1.shape, device=device, generator=generator)
+            t = flow.sample_time(
+                B, tc.time_beta_a, tc.time_beta_b, device=device, generator=generator
+            )
+            x_t, v_target = flow.interpolate(x0, x1, t)
         v_pred, done_logits = self.expert.step(ctx, x_t, t)
 
         denom = weight.sum().clamp_min(1.0)
@@ -187,6 +226,10 @@ class Mu0(nn.Module):
             total = total + tc.rigidity_weight * rigid
         stats["loss"] = total.detach()
         return total, stats
+
+    def token_scale(self) -> Tensor:
+        """Half-range of the waypoint tokens per axis: where the data's final control points lie."""
+        return self.ctrl_mean[-1].abs() + 3.0 * self.ctrl_std[-1]
 
     def rigidity(
         self, ctrl_free: Tensor, cur: Tensor, batch: TraceBatch, weight_t: Tensor
@@ -236,22 +279,41 @@ class Mu0(nn.Module):
         prefix = self.backbone(frozen)
         hist_feat, cur = self._history_features(hist_uvz, hist_valid)
         ctx = self.expert.encode_context(prefix, hist_feat, cur, point_mask.bool())
-        if noise is None:
-            noise = torch.randn(
-                (B, N, self.num_free, 3), device=hist_uvz.device, generator=generator
+        if self.objective == "tokens":
+            rel = self.token_decoder.generate(
+                ctx.point_emb + ctx.hist_emb, ctx.context, ctx.prefix_mask, self.token_scale()
             )
-        last_done = []
+            C = self.cfg.trace.num_ctrl
+            ctrl = torch.zeros(
+                B, N, C, 3, device=rel.device
+            )  # waypoints, not a spline: no control points
+            done_logits = torch.full(rel.shape[:3], -1.0, device=rel.device)  # no done head
+        else:
+            if self.objective == "regression":
+                zeros = torch.zeros(B, N, self.num_free, 3, device=hist_uvz.device)
+                x1, done_logits = self.expert.step(
+                    ctx, zeros, torch.zeros(B, device=hist_uvz.device)
+                )
+            else:
+                if noise is None:
+                    noise = torch.randn(
+                        (B, N, self.num_free, 3), device=hist_uvz.device, generator=generator
+                    )
+                last_done = []
 
-        def velocity(x: Tensor, t: Tensor) -> Tensor:
-            v, done_logits = self.expert.step(ctx, x, t)
-            last_done[:] = [done_logits]
-            return v
+                def velocity(x: Tensor, t: Tensor) -> Tensor:
+                    v, logits = self.expert.step(ctx, x, t)
+                    last_done[:] = [logits]
+                    return v
 
-        x1 = flow.euler_sample(velocity, noise, steps)
-        ctrl_free = x1 * self.ctrl_std + self.ctrl_mean
-        ctrl = torch.cat([torch.zeros_like(ctrl_free[:, :, :1]), ctrl_free], dim=2)  # [B, N, C, 3]
-        rel = torch.einsum("hc,bncd->bnhd", self.basis, ctrl)  # [B, N, H, 3]
-        done = (last_done[0] > 0).cummax(dim=-1).values  # once done, stays done
+                x1 = flow.euler_sample(velocity, noise, steps)
+                done_logits = last_done[0]
+            ctrl_free = x1 * self.ctrl_std + self.ctrl_mean
+            ctrl = torch.cat(
+                [torch.zeros_like(ctrl_free[:, :, :1]), ctrl_free], dim=2
+            )  # [B, N, C, 3]
+            rel = torch.einsum("hc,bncd->bnhd", self.basis, ctrl)  # [B, N, H, 3]
+        done = (done_logits > 0).cummax(dim=-1).values  # once done, stays done
         done[..., 0] = False  # "now" is never past the end
         # Cut traces short: after the motion ends, hold the last position.
         H = rel.shape[2]

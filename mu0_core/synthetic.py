@@ -142,3 +142,44 @@ def make_query(
         intrinsics=tuple(float(x) for x in scene["intrinsics"]),
         depth_m=scene["depth_m"],
     )
+
+
+class SyntheticTraceDataset:
+    """Items in the trace-dataset contract (``mu0_core.trace_dataset``) from synthetic scenes.
+
+    Deterministic: item i is always the same scene. For tests and smoke runs of pretraining.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        num_points: int = 16,
+        image_size: tuple[int, int] = (160, 160),
+        seed: int = 0,
+    ):
+        self.size, self.num_points, self.image_size, self.seed = size, num_points, image_size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        s = make_scene(np.random.default_rng([self.seed, i]), self.num_points, self.image_size)
+        N = self.num_points
+        return {
+            "rgb": s["rgb"],
+            "depth_m": s["depth_m"],
+            "intrinsics": s["intrinsics"],
+            "image_size": s["image_size"],
+            "hist_uvz": s["hist_uvz"],
+            "hist_valid": np.ones(s["hist_uvz"].shape[:2], dtype=bool),
+            "future_uvz": s["future_uvz"],
+            "future_valid": np.ones(s["future_uvz"].shape[:2], dtype=bool),
+            "point_mask": np.ones(N, dtype=bool),
+            "group_id": s["group_id"],
+            "instruction": s["instruction"],
+            "caption": s["instruction"],
+            "episode": f"synthetic-{i}",
+            "frame": 0,
+        }

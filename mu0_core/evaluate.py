@@ -1,0 +1,207 @@
+"""Trace evaluation: μ0 against baselines on the same held-out samples.
+
+Baselines: (a) static — every point stays; (b) constant velocity — the last history velocity
+extrapolated; (c) direct regression and (d) tokenized autoregressive traces — trained models
+(``train.objective`` "regression" / "tokens") on the same backbone and expert. Every model
+sees exactly the same batches (same points, same order); stochastic samplers use fixed seeds.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mu0_core.geometry import uvz_to_xyz
+from mu0_core.metrics import mean_dtw_3d, mean_frechet_3d, min_ade_k, smoothness, trace_metrics
+from mu0_core.types import TraceBatch
+
+HORIZONS = (8, 16, 32)
+
+
+def predict_static(batch: TraceBatch, horizon: int) -> torch.Tensor:
+    cur = batch.hist_uvz[:, :, -1]  # [B, N, 3]
+    return cur[:, :, None].expand(-1, -1, horizon, -1).clone()
+
+
+def predict_constant_velocity(batch: TraceBatch, horizon: int) -> torch.Tensor:
+    """Velocity of the last two valid history steps, per history step, held over the horizon."""
+    hist, valid = batch.hist_uvz, batch.hist_valid.bool()
+    cur = hist[:, :, -1]
+    prev_ok = valid[:, :, -2] & valid[:, :, -1]
+    vel = torch.where(prev_ok[..., None], hist[:, :, -1] - hist[:, :, -2], torch.zeros_like(cur))
+    steps = torch.arange(horizon, dtype=hist.dtype, device=hist.device)[None, None, :, None]
+    return cur[:, :, None] + steps * vel[:, :, None]
+
+
+class Predictor:
+    """A named way to forecast [B, N, H, 3] absolute uvz from a batch with frozen features."""
+
+    def __init__(self, name: str, model=None, kind: str = "model"):
+        self.name, self.model, self.kind = name, model, kind
+
+    def __call__(self, batch: TraceBatch, seed: int) -> torch.Tensor:
+        H = batch.future_uvz.shape[2]
+        if self.kind == "static":
+            return predict_static(batch, H)
+        if self.kind == "constant_velocity":
+            return predict_constant_velocity(batch, H)
+        g = torch.Generator(device=batch.hist_uvz.device).manual_seed(seed)
+        out = self.model.sample_batch(
+            batch.frozen,
+            batch.hist_uvz,
+            batch.hist_valid,
+            batch.point_mask,
+            batch.intrinsics,
+            batch.image_size,
+            generator=g,
+        )
+        return out["traces_uvz"].float()
+
+
+def _shape_metrics(pred: torch.Tensor, batch: TraceBatch) -> dict[str, float]:
+    """DTW (summed distance along the path), discrete Fréchet (3D, m) and smoothness."""
+    args = (pred, batch.future_uvz, batch.future_valid, batch.intrinsics, batch.image_size)
+    xyz = uvz_to_xyz(pred, batch.intrinsics, batch.image_size)
+    return {
+        "dtw3d_m": mean_dtw_3d(*args, point_mask=batch.point_mask),
+        "frechet3d_m": mean_frechet_3d(*args, point_mask=batch.point_mask),
+        "jerk_m": smoothness(xyz)["jerk"],
+    }
+
+
+def evaluate(
+    predictors: list[Predictor],
+    make_batches,
+    num_samples_k: int = 0,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Average every metric over all batches, weighted by the number of valid points."""
+    sums: dict[str, dict[str, float]] = {p.name: defaultdict(float) for p in predictors}
+    weights: dict[str, dict[str, float]] = {p.name: defaultdict(float) for p in predictors}
+    for k, batch in enumerate(tqdm(make_batches(), desc="eval", leave=False)):
+        n_pts = float((batch.future_valid.any(-1) & batch.point_mask).sum())
+        for p in predictors:
+            pred = p(batch, seed + k)
+            m = trace_metrics(
+                pred,
+                batch.future_uvz,
+                batch.future_valid,
+                batch.intrinsics,
+                batch.image_size,
+                horizons=HORIZONS,
+                point_mask=batch.point_mask,
+            )
+            m.update(_shape_metrics(pred, batch))
+            if num_samples_k > 1 and p.kind == "model" and p.model.objective == "flow":
+                preds = torch.stack(
+                    [p(batch, seed + 1000 * (j + 1) + k) for j in range(num_samples_k)]
+                )
+                m[f"min_ade3d_m_k{num_samples_k}"] = min_ade_k(
+                    preds,
+                    batch.future_uvz,
+                    batch.future_valid,
+                    batch.intrinsics,
+                    batch.image_size,
+                    point_mask=batch.point_mask,
+                )
+            for key, v in m.items():
+                if key.startswith("num_points") or not np.isfinite(v):
+                    continue
+                w = (
+                    float(m.get(f"num_points_h{key.rsplit('_h', 1)[-1]}", n_pts))
+                    if "_h" in key
+                    else n_pts
+                )
+                sums[p.name][key] += v * w
+                weights[p.name][key] += w
+    return {
+        name: {k: sums[name][k] / weights[name][k] for k in sums[name] if weights[name][k] > 0}
+        for name in sums
+    }
+
+
+TABLE_COLUMNS = [
+    ("ade3d_m_h8", "ADE3D@8 mm", 1e3),
+    ("ade3d_m_h16", "ADE3D@16 mm", 1e3),
+    ("ade3d_m_h32", "ADE3D@32 mm", 1e3),
+    ("fde3d_m_h32", "FDE3D@32 mm", 1e3),
+    ("ade_px_h32", "ADE px@32", 1.0),
+    ("ade_depth_m_h32", "ADE depth@32 mm", 1e3),
+    ("dtw3d_m", "DTW mm", 1e3),
+    ("frechet3d_m", "Fréchet mm", 1e3),
+]
+
+
+def markdown_table(results: dict[str, dict[str, float]], title: str = "") -> str:
+    header = "| model | " + " | ".join(c[1] for c in TABLE_COLUMNS) + " |"
+    lines = ([f"**{title}**", ""] if title else []) + [
+        header,
+        "|" + "---|" * (len(TABLE_COLUMNS) + 1),
+    ]
+    for name, m in results.items():
+        cells = [f"{m[k] * s:.1f}" if k in m else "–" for k, _, s in TABLE_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def draw_examples(
+    predictors: list[Predictor],
+    batch_items: list[dict[str, Any]],
+    batch: TraceBatch,
+    out_dir: Path,
+    seed: int = 0,
+) -> list[Path]:
+    """Per example: predicted (each model) and true traces over the image, and a 3D plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mu0_core.geometry import uv_to_pixels
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preds = {p.name: p(batch, seed) for p in predictors}
+    paths = []
+    for b, item in enumerate(batch_items):
+        W, H = int(batch.image_size[b, 0]), int(batch.image_size[b, 1])
+        mask = (batch.point_mask[b] & batch.future_valid[b].any(-1)).numpy()
+        fig = plt.figure(figsize=(4 * (len(preds) + 1), 4.2), dpi=100)
+        gt_px = uv_to_pixels(batch.future_uvz[b, mask, :, :2].numpy(), W, H)
+        for j, (name, pred) in enumerate(preds.items()):
+            ax = fig.add_subplot(1, len(preds) + 1, j + 1)
+            ax.imshow(item["rgb"])
+            px = uv_to_pixels(pred[b, mask, :, :2].numpy(), W, H)
+            for n in range(px.shape[0]):
+                ax.plot(gt_px[n, :, 0], gt_px[n, :, 1], "-", color="lime", lw=1, alpha=0.8)
+                ax.plot(px[n, :, 0], px[n, :, 1], "-", color="magenta", lw=1.2)
+            ax.set_title(f"{name} (magenta) vs truth (green)", fontsize=8)
+            ax.set_axis_off()
+        ax3 = fig.add_subplot(1, len(preds) + 1, len(preds) + 1, projection="3d")
+        gt_xyz = uvz_to_xyz(
+            batch.future_uvz[b : b + 1], batch.intrinsics[b : b + 1], batch.image_size[b : b + 1]
+        )[0]
+        for n in np.nonzero(mask)[0]:
+            ax3.plot(*gt_xyz[n].numpy().T, color="green", lw=1)
+        for name, pred in preds.items():
+            if name.startswith("mu0"):
+                xyz = uvz_to_xyz(
+                    pred[b : b + 1], batch.intrinsics[b : b + 1], batch.image_size[b : b + 1]
+                )[0]
+                for n in np.nonzero(mask)[0]:
+                    ax3.plot(*xyz[n].numpy().T, color="magenta", lw=1)
+        ax3.set_title("3D camera frame (m): μ0 magenta, truth green", fontsize=8)
+        fig.suptitle(
+            f"{item.get('episode', '')} frame {item.get('frame', '')}: {item['instruction']}",
+            fontsize=9,
+        )
+        fig.tight_layout()
+        path = out_dir / f"example_{b:02d}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
