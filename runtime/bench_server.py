@@ -51,13 +51,9 @@ def _serve_zmq(args: argparse.Namespace) -> None:
     server = TraceServer(
         model, port=0, batch_window_ms=args.window_ms, max_batch=args.max_batch, rate_limit_hz=0
     )
-    server.start()
+    server.start(inference_thread=False)
     _announce(args.port_file, server.port)
-    try:
-        while True:
-            time.sleep(1)
-    finally:
-        server.close()
+    server.serve_forever()  # inference on this (main) thread, as `mu0 serve` runs it
 
 
 # openpi-style websocket serving: msgpack with arrays as inline bytes, one handler per
@@ -147,7 +143,14 @@ def _summary(latencies_s: list[float], elapsed_s: float) -> dict[str, float]:
     }
 
 
-def _zmq_loop(address: str, obs: dict, duration_s: float, warmup: int = 20) -> list[float]:
+def _zmq_loop(
+    address: str,
+    obs: dict,
+    duration_s: float,
+    warmup: int = 20,
+    infer_ms: list[float] | None = None,
+) -> list[float]:
+    """Round trips in seconds; the server's own model time per reply goes into ``infer_ms``."""
     from runtime.client import TraceClient
 
     latencies = []
@@ -157,8 +160,10 @@ def _zmq_loop(address: str, obs: dict, duration_s: float, warmup: int = 20) -> l
         end = time.monotonic() + duration_s
         while time.monotonic() < end:
             t0 = time.perf_counter()
-            client.predict(obs)
+            reply = client.predict(obs)
             latencies.append(time.perf_counter() - t0)
+            if infer_ms is not None:
+                infer_ms.append(reply.timings["infer_ms"])
     return latencies
 
 
@@ -182,9 +187,10 @@ def _ws_loop(port: int, obs: dict, duration_s: float, warmup: int = 20) -> list[
 
 def _many_clients(address: str, clients: int, obs: dict, duration_s: float) -> dict[str, float]:
     results: list[list[float]] = [[] for _ in range(clients)]
+    infer_ms: list[float] = []
 
     def run(i: int) -> None:
-        results[i] = _zmq_loop(address, obs, duration_s, warmup=5)
+        results[i] = _zmq_loop(address, obs, duration_s, warmup=5, infer_ms=infer_ms)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
     t0 = time.monotonic()
@@ -192,8 +198,10 @@ def _many_clients(address: str, clients: int, obs: dict, duration_s: float) -> d
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.monotonic() - t0 - 0.0
-    return _summary([x for r in results for x in r], max(elapsed, duration_s))
+    elapsed = time.monotonic() - t0
+    row = _summary([x for r in results for x in r], max(elapsed, duration_s))
+    row["server_infer_p50_ms"] = round(float(np.percentile(infer_ms, 50)), 3) if infer_ms else None
+    return row
 
 
 def _transport_vs_websocket(obs: dict, duration_s: float) -> dict[str, Any]:

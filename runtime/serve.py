@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    server.start()
+    server.start(inference_thread=False)  # serve_forever runs inference on this thread
     if args.port_file is not None:
         tmp = args.port_file.with_suffix(".tmp")  # rename so readers never see half a file
         tmp.write_text(json.dumps({"port": server.port, "pub_port": server.pub_port}))
