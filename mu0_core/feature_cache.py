@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ class FeatureCache:
         )
         feats = self.backbone.encode_frozen(torch.as_tensor(rgb)[None], depth, [instruction])
         feats = {k: v[0].detach().cpu().contiguous() for k, v in feats.items()}
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks may write the same entry at once
         save_file(feats, str(tmp))
         tmp.replace(path)
         return feats

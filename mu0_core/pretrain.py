@@ -277,6 +277,7 @@ def evaluate(
     model, make_batch: BatchMaker, indices: list[list[int]], device, seed: int = 0
 ) -> dict[str, float]:
     """Validation loss on fixed noise and times, and trace errors of sampled predictions."""
+    from mu0_core.evaluate import Predictor
     from mu0_core.metrics import trace_metrics
 
     model.eval()
@@ -285,17 +286,8 @@ def evaluate(
         batch = make_batch(idx, np.random.default_rng(seed + k), train=False).to(device)
         g = torch.Generator(device=device).manual_seed(seed + k)
         losses.append(model.loss(batch, generator=g)[0].item())
-        out = model.sample_batch(
-            batch.frozen,
-            batch.hist_uvz,
-            batch.hist_valid,
-            batch.point_mask,
-            batch.intrinsics,
-            batch.image_size,
-            generator=g,
-        )
         m = trace_metrics(
-            out["traces_uvz"].float(),
+            Predictor("mu0", model)(batch, seed + k),
             batch.future_uvz,
             batch.future_valid,
             batch.intrinsics,

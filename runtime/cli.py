@@ -12,6 +12,10 @@ COMMANDS = [
     "runtime.commands.info",
     "runtime.commands.predict",
     "runtime.commands.serve",
+    "runtime.commands.collect",
+    "runtime.commands.extract",
+    "runtime.commands.pretrain",
+    "runtime.commands.eval_traces",
     "runtime.commands.bench",
 ]
 

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${MU0_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${MU0_EXTRAS:-sim,real,dev}
+EXTRAS=${MU0_EXTRAS:-sim,real,ray,dev}
 
 # System libraries: headless OpenGL for MuJoCo (EGL, OSMesa), libusb for pyrealsense2.
 APT_PACKAGES=(libegl1 libgl1 libosmesa6 libglib2.0-0 libusb-1.0-0)

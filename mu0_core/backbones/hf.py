@@ -244,7 +244,11 @@ class HFVLMBackbone(Backbone):
         self.max_text_tokens = max_text_tokens
         self.patch_size = vision_cfg.patch_size
         self.scale_factor = config.scale_factor
-        self.image_size = image_size or vision_cfg.image_size
+        # SigLIP-so400m/14 at 384 px convolves to 27x27 patches: its effective input is the
+        # largest multiple of the patch size (378 px), so that is what images are resized to.
+        self.image_size = (
+            image_size or (vision_cfg.image_size // vision_cfg.patch_size) * vision_cfg.patch_size
+        )
         grid = self.image_size // self.patch_size  # patches per side
         if self.image_size % self.patch_size or grid % self.scale_factor:
             raise ValueError(

@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     srv.add_argument("--duration-s", type=float, default=2.0, help="seconds per measurement")
     srv.add_argument("--json", type=Path, default=None, help="write the figures here")
     srv.set_defaults(func=run_server)
+    from runtime.commands.bench_extract import add_bench_parser
+
+    add_bench_parser(what)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 

@@ -61,8 +61,9 @@ def load_datasets(paths: list[str], val_episodes: str | None, exclude: str | Non
         return synthetic.SyntheticTraceDataset(n, seed=0), synthetic.SyntheticTraceDataset(
             max(1, n // 10), seed=1
         )
-    from mu0_core.trace_dataset import TraceDataset
     from torch.utils.data import ConcatDataset
+
+    from mu0_core.trace_dataset import TraceDataset
 
     excluded = set(filter(None, (exclude or "").split(",")))
     train_parts, val_parts = [], []
@@ -88,6 +89,7 @@ def load_datasets(paths: list[str], val_episodes: str | None, exclude: str | Non
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
+    import os
 
     from configs import get_model_config
     from mu0_core.pretrain import PretrainConfig, pretrain
@@ -95,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
     model_cfg = get_model_config(args.preset, model_dir=args.model_dir)
     if args.knots:
         model_cfg = model_cfg.replace(trace=dataclasses.replace(model_cfg.trace, knots=args.knots))
+    if args.objective:
+        model_cfg = model_cfg.replace(
+            train=dataclasses.replace(model_cfg.train, objective=args.objective)
+        )
     cfg = PretrainConfig(
         out_dir=str(args.out),
         steps=args.steps,
@@ -109,12 +115,16 @@ def run(args: argparse.Namespace) -> int:
         cache_features=not args.no_cache,
         device=args.device,
     )
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports
     train, val = load_datasets(args.data, args.val_episodes, args.exclude)
-    print(
-        f"pretraining {model_cfg.name} on {len(train)} samples ({len(val) if val else 0} for validation)"
-    )
+    if main_rank:
+        print(
+            f"pretraining {model_cfg.name} ({model_cfg.train.objective}, {model_cfg.trace.knots} knots) "
+            f"on {len(train)} samples ({len(val) if val else 0} for validation)"
+        )
     final = pretrain(model_cfg, cfg, train, val, resume=args.resume)
-    print(
-        f"checkpoint: {final}\nmetrics: {args.out / 'metrics.jsonl'}\nplot: {args.out / 'loss.png'}"
-    )
+    if main_rank:
+        print(
+            f"checkpoint: {final}\nmetrics: {args.out / 'metrics.jsonl'}\nplot: {args.out / 'loss.png'}"
+        )
     return 0

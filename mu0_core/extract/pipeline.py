@@ -1,0 +1,554 @@
+"""TraceExtract end to end: one episode -> trace samples; many episodes in parallel.
+
+Per episode (``extract_episode``): pick keypoints from pixels, track them in 2D, lift them
+to 3D in the world frame, flag moving points and cluster rigid groups, segment the motion
+and caption it, then cut samples: for each frame t, every point's 8-step history and its
+future re-timed by arc length over the rest of the current segment, both in frame t's
+camera (``mu0_core.trace_dataset`` holds the contract).
+
+Across episodes (``run_extract``): local processes by default, a Ray job with
+``use_ray=True``; each worker opens the source from its JSON spec, extracts one episode
+and writes it atomically, so both paths produce the same files, a failed episode is
+reported by name while the rest finish, and a rerun skips what is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mu0_core import trace_dataset
+from mu0_core.extract import ExtractError
+from mu0_core.extract.keypoints import select_keypoints
+from mu0_core.extract.lifting import (
+    attach_to_bodies,
+    lift_tracks,
+    rigid_body_tracks,
+    world_to_camera_uvz,
+)
+from mu0_core.extract.segments import Segment, make_captioner, motion_activity, segment_episode
+from mu0_core.extract.sources import RGBDEpisode, open_source
+from mu0_core.extract.tracking import Tracker, make_tracker
+from mu0_core.traces import is_moving, retime_by_arc_length
+from mu0_core.types import HISTORY_STEPS, HORIZON
+
+RAY_HINT = "`mu0 extract --ray` needs Ray: pip install 'mu0[ray]'"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    num_points: int = 96
+    history_steps: int = HISTORY_STEPS
+    horizon: int = HORIZON
+    tracker: str = "lk"  # a registered name or "package.module:factory"
+    tracker_kwargs: dict[str, Any] = field(default_factory=dict)
+    captioner: str = "rule"  # a registered name or "package.module:factory"
+    sample_stride: int = 1  # a sample every this many frames
+    moving_threshold_m: float = 0.02  # path length over the episode that makes a point "moving"
+    still_path_m: float = 0.005  # a future shorter than this is a point holding still
+    rigid_tolerance_m: float = 0.01  # distance change allowed between points of one rigid group
+    moving_share: float = 0.75  # share of keypoints taken where something moves
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExtractConfig:
+        return cls(**d)
+
+
+@dataclass
+class EpisodeTraces:
+    """Everything extracted from one episode (F frames, N points, S samples)."""
+
+    episode: RGBDEpisode
+    query_uv_px: np.ndarray  # float32[N, 2] in frame 0
+    uv_px: np.ndarray  # float32[F, N, 2] 2D tracks
+    visible: np.ndarray  # bool[F, N] from the tracker
+    xyz_world: np.ndarray  # float64[F, N, 3] (NaN where not valid)
+    valid: np.ndarray  # bool[F, N] visible, depth known and consistent
+    moving: np.ndarray  # bool[N]
+    group_id: np.ndarray  # int64[N]
+    segments: list[Segment]
+    captions: list[str]
+    samples: dict[str, np.ndarray]  # the per-sample arrays of the contract
+    gt_xyz_world: np.ndarray | None = None  # float64[F, N, 3] simulator truth, if known
+    seconds: float = 0.0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        ep = self.episode
+        return {
+            "rgb": ep.rgb.astype(np.uint8),
+            "depth_m": ep.depth_m.astype(np.float32),
+            "intrinsics": ep.intrinsics.astype(np.float32),
+            "T_world_cam": ep.T_world_cam.astype(np.float32),
+            **self.samples,
+        }
+
+    def strings(self) -> dict[str, Any]:
+        seg_of_sample = self.samples["sample_segment"]
+        return {
+            "instruction": self.episode.instruction,
+            "captions": self.captions,
+            "sample_caption": [int(s) for s in seg_of_sample],
+            "segments": [[s.start, s.end] for s in self.segments],
+            "meta": self.meta(),
+            "report": self.report(),
+        }
+
+    def meta(self) -> dict[str, Any]:
+        ep = self.episode
+        return {
+            "id": ep.id,
+            "task": ep.task,
+            "robot": ep.robot,
+            "instruction": ep.instruction,
+            "num_frames": ep.num_frames,
+            "num_samples": int(len(self.samples["sample_frame"])),
+        }
+
+    def report(self) -> dict[str, Any]:
+        ep = self.episode
+        F, H, W = ep.depth_m.shape
+        N = len(self.query_uv_px)
+        # Coverage: share of an 8x8 grid of cells with depth in frame 0 that hold a valid point.
+        cells = np.zeros((8, 8), bool)
+        if N:
+            q = self.uv_px[0][self.valid[0]]
+            cells[
+                (q[:, 1] * 8 / H).astype(int).clip(0, 7), (q[:, 0] * 8 / W).astype(int).clip(0, 7)
+            ] = True
+        has_depth = np.zeros((8, 8), bool)
+        vv, uu = np.nonzero(ep.depth_m[0] > 0)
+        has_depth[(vv * 8 // H), (uu * 8 // W)] = True
+        fv = self.samples["future_valid"][self.samples["point_mask"]]
+        hv = self.samples["hist_valid"][self.samples["point_mask"]]
+        return {
+            "points": N,
+            "moving_points": int(self.moving.sum()),
+            "groups": int(len(set(self.group_id[self.group_id >= 0].tolist()))),
+            "frames": F,
+            "samples": int(len(self.samples["sample_frame"])),
+            "segments": len(self.segments),
+            "coverage": float(cells.sum() / max(1, has_depth.sum())),
+            "share_valid": float(self.valid.mean()) if N else 0.0,
+            "share_future_valid": float(fv.mean()) if fv.size else 0.0,
+            "share_hist_valid": float(hv.mean()) if hv.size else 0.0,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# ---------------------------------------------------------------------------
+# Rigid groups
+
+
+def rigid_groups(
+    xyz_world: np.ndarray,
+    valid: np.ndarray,
+    moving: np.ndarray,
+    tolerance_m: float,
+    max_frames: int = 60,
+) -> np.ndarray:
+    """int64[N] rigid-group ids from motion: two points are rigid when their distance stays
+    within ``tolerance_m`` (10th to 90th percentile) over the frames both are valid.
+
+    Static points form group 0; moving points are grouped greedily around the point seen
+    longest; points valid in under a quarter of the frames get -1 (unknown).
+    """
+    F, N, _ = xyz_world.shape
+    group = np.full(N, -1, np.int64)
+    enough = valid.mean(0) >= 0.25
+    group[enough & ~moving] = 0
+    cand = np.flatnonzero(enough & moving)
+    if len(cand) == 0:
+        return group
+    frames = np.linspace(0, F - 1, min(F, max_frames)).round().astype(int)
+    x = xyz_world[frames][:, cand]  # [T, M, 3]
+    v = valid[frames][:, cand]
+    d = np.linalg.norm(x[:, :, None] - x[:, None, :], axis=-1)  # [T, M, M]
+    both = v[:, :, None] & v[:, None, :]
+    d = np.where(both, d, np.nan)
+    with np.errstate(all="ignore"), _quiet_nan_warnings():
+        spread = np.nanpercentile(d, 90, axis=0) - np.nanpercentile(d, 10, axis=0)
+    common = both.sum(0) >= max(3, len(frames) // 4)
+    rigid = common & (np.nan_to_num(spread, nan=np.inf) <= tolerance_m)
+    order = np.argsort(-v.sum(0))
+    next_id = 1
+    unassigned = np.ones(len(cand), bool)
+    for i in order:
+        if not unassigned[i]:
+            continue
+        members = np.flatnonzero(unassigned & rigid[i])
+        members = members[members != i]
+        group[cand[i]] = next_id
+        unassigned[i] = False
+        for j in members:
+            group[cand[j]] = next_id
+            unassigned[j] = False
+        next_id += 1
+    return group
+
+
+class _quiet_nan_warnings:
+    """All-NaN slices are expected (point pairs never seen together); silence their warning."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------
+# Samples
+
+
+def build_samples(
+    ep: RGBDEpisode,
+    xyz_world: np.ndarray,
+    valid: np.ndarray,
+    moving: np.ndarray,
+    group_id: np.ndarray,
+    segments: list[Segment],
+    config: ExtractConfig,
+    gt_xyz_world: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The contract's per-sample arrays. A sample is a frame t where at least one point is
+    valid; ``point_mask`` marks the points with a known position at t (the queries)."""
+    F, N, _ = xyz_world.shape
+    T_h, Hz = config.history_steps, config.horizon
+    H, W = ep.depth_m.shape[1:]
+    size = np.array([W, H], np.float64)
+    seg_of = np.zeros(F, np.int64)
+    for k, s in enumerate(segments):
+        seg_of[s.start : s.end] = k
+    frames = [t for t in range(0, F, config.sample_stride) if valid[t].any()]
+    S = len(frames)
+    t_arr = np.array(frames, np.int64)
+    out = {
+        "sample_frame": t_arr,
+        "hist_uvz": np.zeros((S, N, T_h, 3), np.float32),
+        "hist_valid": np.zeros((S, N, T_h), bool),
+        "future_uvz": np.zeros((S, N, Hz, 3), np.float32),
+        "future_valid": np.zeros((S, N, Hz), bool),
+        "point_mask": np.zeros((S, N), bool),
+        "group_id": np.tile(group_id.astype(np.int64), (S, 1)),
+        "moving": np.tile(moving.astype(bool), (S, 1)),
+        "sample_segment": seg_of[t_arr] if S else np.zeros(0, np.int64),
+    }
+    if gt_xyz_world is not None:
+        out["gt_future_uvz"] = np.zeros((S, N, Hz, 3), np.float32)
+    if S == 0:
+        return out
+    filled = np.nan_to_num(xyz_world)  # invalid steps are masked; keep the arithmetic finite
+
+    # History: frames t-7 .. t, in frame t's camera; steps before the episode are invalid.
+    steps = t_arr[:, None] + np.arange(-T_h + 1, 1)[None, :]  # [S, T_h]
+    hist_world = filled[np.clip(steps, 0, F - 1)]  # [S, T_h, N, 3]
+    hist_valid = valid[np.clip(steps, 0, F - 1)] & (steps >= 0)[..., None]  # [S, T_h, N]
+    uvz, _ = world_to_camera_uvz(
+        hist_world, ep.T_world_cam[t_arr], ep.intrinsics[t_arr], np.tile(size, (S, 1))
+    )
+    # Invalid steps carry no position: zeros, not the NaN/inf of projecting z = 0.
+    uvz = np.where(hist_valid[..., None], uvz, 0.0)
+    out["hist_uvz"] = np.swapaxes(uvz, 1, 2).astype(np.float32)  # [S, N, T_h, 3]
+    out["hist_valid"] = np.swapaxes(hist_valid, 1, 2)
+    out["point_mask"] = valid[t_arr]
+
+    # Future: the rest of the segment from t, re-timed by arc length (measured in metres).
+    for i, t in enumerate(frames):
+        end = segments[seg_of[t]].end
+        T_cam, K = ep.T_world_cam[t][None], ep.intrinsics[t][None]
+        for key, world, ok in (
+            ("future", filled[t:end], valid[t:end]),
+            ("gt", gt_xyz_world[t:end] if gt_xyz_world is not None else None, None),
+        ):
+            if world is None:
+                continue
+            L = len(world)
+            uvz_f, xyz_cam = world_to_camera_uvz(world.reshape(1, L * N, 3), T_cam, K, size[None])
+            uvz_f, xyz_cam = uvz_f.reshape(L, N, 3), xyz_cam.reshape(L, N, 3)
+            ok = np.ones((L, N), bool) if ok is None else ok
+            ok = ok & np.isfinite(uvz_f).all(-1) & (xyz_cam[..., 2] > 0)
+            uvz_f = np.where(ok[..., None], uvz_f, 0.0)
+            for n in np.flatnonzero(out["point_mask"][i]):
+                pts, pts_ok = retime_by_arc_length(
+                    uvz_f[:, n],
+                    ok[:, n],
+                    Hz,
+                    min_total_length=config.still_path_m,
+                    arc_points=xyz_cam[:, n],
+                )
+                if key == "future":
+                    out["future_uvz"][i, n] = pts
+                    out["future_valid"][i, n] = pts_ok
+                else:
+                    out["gt_future_uvz"][i, n] = pts
+    return out
+
+
+# ---------------------------------------------------------------------------
+# One episode
+
+
+def _camera_axes_world(ep: RGBDEpisode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(right, forward, up) unit vectors in the world, from the first camera pose."""
+    R = ep.T_world_cam[0, :3, :3].astype(np.float64)
+    right, down, forward = R[:, 0], R[:, 1], R[:, 2]
+    up = ep.up_world if ep.up_world is not None else -down
+    up = up / np.linalg.norm(up)
+    # Horizontal directions relative to the viewer, with "up" taken out.
+    right = right - np.dot(right, up) * up
+    forward = forward - np.dot(forward, up) * up
+    return right / np.linalg.norm(right), forward / max(np.linalg.norm(forward), 1e-9), up
+
+
+def extract_episode(
+    ep: RGBDEpisode,
+    config: ExtractConfig | None = None,
+    tracker: Tracker | None = None,
+    captioner: Any = None,
+) -> EpisodeTraces:
+    """Traces of one RGB-D episode (raises ExtractError naming it on bad input)."""
+    config = config or ExtractConfig()
+    start_time = time.perf_counter()
+    ep.validate()
+    tracker = tracker or make_tracker(config.tracker, **config.tracker_kwargs)
+    captioner = captioner or make_captioner(config.captioner)
+
+    query_uv, _ = select_keypoints(
+        ep.rgb, ep.depth_m, config.num_points, moving_share=config.moving_share
+    )
+    if len(query_uv) == 0:
+        raise ExtractError(ep.id, "no trackable pixels with depth in the first frame")
+    tracks = tracker.track(ep.rgb, query_uv, query_frame=0)
+    xyz_world, valid = lift_tracks(
+        tracks.uv_px, tracks.visible, ep.depth_m, ep.intrinsics, ep.T_world_cam
+    )
+    moving = is_moving(
+        np.swapaxes(np.nan_to_num(xyz_world), 0, 1), valid.T, config.moving_threshold_m
+    )
+    group_id = rigid_groups(xyz_world, valid, moving, config.rigid_tolerance_m)
+
+    activity = motion_activity(xyz_world, valid, moving)
+    bounds = segment_episode(activity, ep.gripper_closed)
+    right, forward, up = _camera_axes_world(ep)
+    segments = []
+    for a, b in bounds:
+        m = moving & valid[a] & valid[b - 1]
+        disp = (xyz_world[b - 1, m] - xyz_world[a, m]).mean(0) if m.any() else np.zeros(3)
+        path = float(activity[a : b - 1].sum()) if b - 1 > a else 0.0
+        g = ep.gripper_closed
+        segments.append(
+            Segment(
+                start=a,
+                end=b,
+                # The state before the segment, so a segment that starts with a grasp says so.
+                gripper_start=None if g is None else float(g[max(a - 1, 0)]),
+                gripper_end=None if g is None else float(g[b - 1]),
+                displacement_world=disp,
+                path_m=path,
+                right_world=right,
+                forward_world=forward,
+                up_world=up,
+                rgb_start=ep.rgb[a],
+                rgb_end=ep.rgb[b - 1],
+            )
+        )
+    captions = [str(c) for c in captioner(ep.instruction, segments)]
+    if len(captions) != len(segments):
+        raise ExtractError(
+            ep.id, f"captioner gave {len(captions)} captions for {len(segments)} segments"
+        )
+
+    gt = None
+    if ep.sim is not None:
+        x0 = np.where(valid[0][:, None], xyz_world[0], np.nan)
+        seg0 = None if ep.sim.segmentation is None else ep.sim.segmentation[0]
+        body = attach_to_bodies(query_uv, np.nan_to_num(x0), ep.sim.body_pose[0], seg0)
+        gt = rigid_body_tracks(np.nan_to_num(x0), body, ep.sim.body_pose)
+    samples = build_samples(ep, xyz_world, valid, moving, group_id, segments, config, gt)
+    return EpisodeTraces(
+        episode=ep,
+        query_uv_px=query_uv,
+        uv_px=tracks.uv_px,
+        visible=tracks.visible,
+        xyz_world=xyz_world,
+        valid=valid,
+        moving=moving,
+        group_id=group_id,
+        segments=segments,
+        captions=captions,
+        samples=samples,
+        gt_xyz_world=gt,
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Many episodes
+
+
+def extract_to_disk(
+    spec: dict[str, Any], episode_id: str, out_dir: str, config: dict[str, Any]
+) -> dict[str, Any]:
+    """Worker: open the source, extract one episode, write it. Returns a JSON-able result;
+    errors come back as {"ok": False, "error": ...} naming the episode, never raised."""
+    try:
+        ep = open_source(spec).load(episode_id)
+        traces = extract_episode(ep, ExtractConfig.from_dict(config))
+        trace_dataset.write_episode(out_dir, episode_id, traces.arrays(), traces.strings())
+        return {"id": episode_id, "ok": True, "meta": traces.meta(), "report": traces.report()}
+    except Exception as e:  # noqa: BLE001 - one bad episode must not stop the others
+        message = (
+            str(e)
+            if isinstance(e, ExtractError)
+            else f"episode {episode_id}: {type(e).__name__}: {e}"
+        )
+        return {"id": episode_id, "ok": False, "error": message}
+
+
+def _done_result(out_dir: Path, episode_id: str) -> dict[str, Any] | None:
+    if not trace_dataset.episode_done(out_dir, episode_id):
+        return None
+    _, json_path = trace_dataset.episode_paths(out_dir, episode_id)
+    strings = json.loads(json_path.read_text())
+    if "meta" not in strings:
+        return None
+    return {
+        "id": episode_id,
+        "ok": True,
+        "meta": strings["meta"],
+        "report": strings.get("report", {}),
+        "skipped": True,
+    }
+
+
+def _run_local(jobs: list[str], spec, out_dir, cfg, workers: int, bar) -> list[dict[str, Any]]:
+    results = []
+    if workers <= 1:
+        for eid in jobs:
+            results.append(extract_to_disk(spec, eid, str(out_dir), cfg))
+            bar.update(1)
+        return results
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn, not fork: the parent may hold torch/OpenMP thread pools that a fork would break.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(extract_to_disk, spec, eid, str(out_dir), cfg): eid for eid in jobs}
+        for fut in as_completed(futures):
+            try:
+                results.append(fut.result())
+            except Exception as e:  # noqa: BLE001 - a worker that died (out of memory, say)
+                eid = futures[fut]
+                results.append(
+                    {"id": eid, "ok": False, "error": f"episode {eid}: worker died: {e!r}"}
+                )
+            bar.update(1)
+    return results
+
+
+def _run_ray(jobs: list[str], spec, out_dir, cfg, bar) -> list[dict[str, Any]]:
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError(f"{RAY_HINT} ({e})") from e
+    if not ray.is_initialized():
+        # RAY_ADDRESS joins a running cluster; without it Ray starts a local one. Across
+        # machines, the source and out_dir must be on a filesystem every node sees.
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False
+        )
+    task = ray.remote(num_cpus=1)(extract_to_disk)
+    pending = [task.remote(spec, eid, str(out_dir), cfg) for eid in jobs]
+    results = []
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        results.extend(ray.get(ready))
+        bar.update(len(ready))
+    return results
+
+
+def run_extract(
+    source: Any,
+    out_dir: str | Path,
+    config: ExtractConfig | None = None,
+    workers: int | None = None,
+    use_ray: bool = False,
+    episode_ids: list[str] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Extract every episode of ``source`` (a source object, its spec, or a path) into
+    ``out_dir``, then write ``meta.json``. Returns the dataset report, whose "failed"
+    lists the episodes that could not be extracted and why."""
+    from tqdm.auto import tqdm
+
+    config = config or ExtractConfig()
+    src = open_source(source) if isinstance(source, (str, Path, dict)) else source
+    spec = src.spec
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = list(episode_ids) if episode_ids is not None else src.episode_ids()
+    if not ids:
+        raise ValueError(f"{spec['root']}: no episodes found")
+    results, jobs = [], []
+    for eid in ids:
+        done = _done_result(out_dir, eid) if resume else None
+        (results.append(done) if done else jobs.append(eid))
+    workers = workers if workers is not None else max(1, min(len(jobs), (os.cpu_count() or 2) - 1))
+    start = time.perf_counter()
+    with tqdm(
+        total=len(ids), initial=len(results), desc="extract", unit="ep", disable=not progress
+    ) as bar:
+        if jobs and use_ray:
+            results += _run_ray(jobs, spec, out_dir, config.to_dict(), bar)
+        elif jobs:
+            results += _run_local(jobs, spec, out_dir, config.to_dict(), workers, bar)
+    seconds = time.perf_counter() - start
+
+    ok = sorted((r for r in results if r["ok"]), key=lambda r: r["id"])
+    failed = sorted(
+        ({"id": r["id"], "error": r["error"]} for r in results if not r["ok"]),
+        key=lambda r: r["id"],
+    )
+    new_frames = sum(r["report"]["frames"] for r in ok if not r.get("skipped"))
+
+    def mean(key: str) -> float:
+        vals = [r["report"][key] for r in ok if key in r["report"]]
+        return float(np.mean(vals)) if vals else 0.0
+
+    report = {
+        "episodes": len(ok),
+        "failed": failed,
+        "frames": sum(r["report"]["frames"] for r in ok),
+        "samples": sum(r["report"]["samples"] for r in ok),
+        "points": sum(r["report"]["points"] for r in ok),
+        "moving_points": sum(r["report"]["moving_points"] for r in ok),
+        "coverage": mean("coverage"),
+        "share_valid": mean("share_valid"),
+        "share_future_valid": mean("share_future_valid"),
+        "frames_per_s": new_frames / seconds if new_frames and seconds > 0 else None,
+        "config": config.to_dict(),
+    }
+    trace_dataset.write_meta(
+        out_dir,
+        [r["meta"] for r in ok],
+        source=json.dumps(spec),
+        report=report,
+        history_steps=config.history_steps,
+        horizon=config.horizon,
+    )
+    return report

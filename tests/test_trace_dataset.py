@@ -1,0 +1,115 @@
+"""The trace dataset contract: atomic writes, lazy reads, collation into a TraceBatch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mu0_core import trace_dataset as td
+from mu0_core.types import TraceBatch
+
+
+def _episode(F=6, S=4, N=5, H=12, W=16, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "rgb": rng.integers(0, 255, (F, H, W, 3), dtype=np.uint8),
+        "depth_m": rng.uniform(0.5, 2, (F, H, W)).astype(np.float32),
+        "intrinsics": np.tile(np.array([20, 20, 7.5, 5.5], np.float32), (F, 1)),
+        "T_world_cam": np.tile(np.eye(4, dtype=np.float32), (F, 1, 1)),
+        "sample_frame": np.arange(S, dtype=np.int64),
+        "hist_uvz": rng.normal(size=(S, N, 8, 3)).astype(np.float32),
+        "hist_valid": np.ones((S, N, 8), bool),
+        "future_uvz": rng.normal(size=(S, N, 32, 3)).astype(np.float32),
+        "future_valid": np.ones((S, N, 32), bool),
+        "point_mask": np.ones((S, N), bool),
+        "group_id": np.zeros((S, N), np.int64),
+        "moving": np.zeros((S, N), bool),
+        "sample_segment": np.array([0, 0, 1, 1], np.int64)[:S],
+    }
+    arrays["point_mask"][1, 3:] = False
+    strings = {
+        "instruction": "pick up the cube",
+        "captions": ["reach", "lift"],
+        "sample_caption": [0, 0, 1, 1][:S],
+    }
+    return arrays, strings
+
+
+def _write(tmp_path, ids=("a", "b")):
+    metas = []
+    for i, eid in enumerate(ids):
+        arrays, strings = _episode(seed=i)
+        td.write_episode(tmp_path, eid, arrays, strings)
+        metas.append(
+            {
+                "id": eid,
+                "task": "Lift",
+                "robot": "Panda",
+                "instruction": strings["instruction"],
+                "num_frames": 6,
+                "num_samples": 4,
+            }
+        )
+    td.write_meta(tmp_path, metas, source="test", report={"points": 10})
+    return metas
+
+
+def test_roundtrip_and_lazy_items(tmp_path):
+    _write(tmp_path)
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporaries
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["format"] == "mu0-traces" and meta["version"] == 1
+    assert (meta["history_steps"], meta["horizon"]) == (8, 32)
+
+    ds = td.TraceDataset(tmp_path)
+    assert len(ds) == 8 and [e["id"] for e in ds.episodes] == ["a", "b"]
+    arrays, _ = _episode(seed=1)
+    item = ds[6]  # episode b, sample 2
+    assert item["episode"] == "b" and item["frame"] == 2 and item["caption"] == "lift"
+    assert item["instruction"] == "pick up the cube"
+    np.testing.assert_array_equal(item["rgb"], arrays["rgb"][2])
+    np.testing.assert_array_equal(item["future_uvz"], arrays["future_uvz"][2])
+    assert item["image_size"].tolist() == [16, 12] and item["hist_uvz"].shape == (5, 8, 3)
+
+    only_b = td.TraceDataset(tmp_path, episodes=["b"])
+    assert len(only_b) == 4 and only_b[0]["episode"] == "b"
+    with pytest.raises(KeyError, match="zzz"):
+        td.TraceDataset(tmp_path, episodes=["zzz"])
+    with pytest.raises(IndexError):
+        ds[8]
+
+
+def test_collate_pads_and_subsamples(tmp_path):
+    _write(tmp_path)
+    ds = td.TraceDataset(tmp_path)
+    items = [ds[0], ds[1]]  # 5 points, then 3 (two are padding)
+    batch = td.collate_traces(items)
+    assert isinstance(batch, TraceBatch)
+    assert batch.hist_uvz.shape == (2, 5, 8, 3) and batch.future_uvz.shape == (2, 5, 32, 3)
+    assert batch.point_mask.sum(1).tolist() == [5, 3]
+    assert batch.rgb.dtype == torch.uint8 and batch.image_size.tolist() == [[16, 12]] * 2
+    assert batch.group_id.shape == (2, 5) and batch.instructions == ["pick up the cube"] * 2
+    # Kept points keep their values: item 1's three real points come first.
+    np.testing.assert_array_equal(batch.hist_uvz[1, :3].numpy(), items[1]["hist_uvz"][:3])
+
+    small = td.collate_traces(items, max_points=2, rng=np.random.default_rng(0))
+    assert small.hist_uvz.shape[1] == 2 and small.point_mask.all()
+
+
+def test_bad_input_is_rejected(tmp_path):
+    arrays, strings = _episode()
+    bad = dict(arrays, hist_valid=arrays["hist_valid"][:, :, :4])
+    with pytest.raises(ValueError, match="episode x: hist_valid"):
+        td.write_episode(tmp_path, "x", bad, strings)
+    with pytest.raises(ValueError, match="float32"):
+        td.write_episode(
+            tmp_path, "x", dict(arrays, hist_uvz=arrays["hist_uvz"].astype(np.float64)), strings
+        )
+    with pytest.raises(ValueError, match="sample_caption"):
+        td.write_episode(tmp_path, "x", arrays, dict(strings, sample_caption=[0]))
+    assert not td.episode_done(tmp_path, "x")
+    with pytest.raises(FileNotFoundError, match="mu0 extract"):
+        td.TraceDataset(tmp_path)
