@@ -23,13 +23,10 @@ DEFAULT_CHECKPOINTS = {
 def add_parser(sub) -> None:
     p = sub.add_parser("eval-traces", help="evaluate μ0 and baselines on held-out traces")
     p.add_argument(
-        "--data", type=Path, default=None, help="trace dataset (default: build the held-out set)"
-    )
-    p.add_argument(
-        "--splits",
+        "--data",
         type=Path,
         default=None,
-        help="JSON {split: [episode ids]} (default: DATA/splits.json, else all episodes)",
+        help="a trace dataset, or a folder of <split>/<dataset>/ (default: build the held-out set)",
     )
     p.add_argument(
         "--checkpoint",
@@ -72,9 +69,24 @@ def _parse_checkpoints(specs: list[str] | None) -> dict[str, str]:
     return out
 
 
+def discover_splits(data: Path) -> dict[str, list[Path]]:
+    """A trace dataset → {"all": [it]}; a folder of ``<split>/<dataset>/`` → one entry per
+    split, the held-out seeds first (a split named ``train`` is what the models learned from)."""
+    data = Path(data)
+    if (data / "meta.json").is_file():
+        return {"all": [data]}
+    splits = {}
+    for split in sorted(p for p in data.iterdir() if p.is_dir() and p.name != "train"):
+        dirs = sorted(d for d in split.iterdir() if (d / "meta.json").is_file())
+        if dirs:
+            splits[split.name] = dirs
+    return dict(sorted(splits.items(), key=lambda kv: kv[0] != "heldout_seeds"))
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
+    from torch.utils.data import ConcatDataset
 
     from mu0_core.checkpoint import load_checkpoint
     from mu0_core.evaluate import Predictor, draw_examples, evaluate, markdown_table
@@ -86,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
         from runtime.heldout import build_heldout_set
 
         data = build_heldout_set()
-    splits_path = args.splits or (data / "splits.json")
-    all_ids = [e["id"] for e in TraceDataset(data).episodes]
-    splits = json.loads(splits_path.read_text()) if splits_path.is_file() else {"all": all_ids}
+    splits = discover_splits(data)
+    if not splits:
+        raise SystemExit(f"mu0 eval-traces: no trace dataset under {data}")
 
     models = {
         name: load_checkpoint(path)[0] for name, path in _parse_checkpoints(args.checkpoint).items()
@@ -99,50 +111,10 @@ def run(args: argparse.Namespace) -> int:
     ]
     predictors += [Predictor(name, model) for name, model in models.items()]
     # Models built on the same frozen encoders share one feature cache.
-    first = next(iter(models.values()))
-    cache = FeatureCache(args.out / "feature_cache", first.backbone)
+    cache = FeatureCache(args.out / "feature_cache", next(iter(models.values())).backbone)
 
-    results, tables = {}, []
-    for split, ids in splits.items():
-        ids = [i for i in ids if i in set(all_ids)]
-        if not ids:
-            continue
-        ds = TraceDataset(data, episodes=ids)
-        n = len(ds)
-        index_batches = [
-            list(range(i, min(n, i + args.batch_size))) for i in range(0, n, args.batch_size)
-        ]
-        if args.max_batches:
-            index_batches = index_batches[: args.max_batches]
-
-        def batches(index_batches=index_batches, ds=ds):
-            for k, idx in enumerate(index_batches):
-                items = [ds[i] for i in idx]
-                batch = collate_traces(
-                    items, max_points=args.max_points, rng=np.random.default_rng(args.seed + k)
-                )
-                feats = [
-                    cache.encode(
-                        it["rgb"],
-                        it["depth_m"] if (it["depth_m"] > 0).any() else None,
-                        it["instruction"],
-                    )
-                    for it in items
-                ]
-                batch.frozen = FeatureCache.collate(feats)
-                yield batch
-
-        with torch.no_grad():
-            res = evaluate(predictors, batches, num_samples_k=args.samples_k, seed=args.seed)
-        results[split] = res
-        tables.append(markdown_table(res, title=f"{split} ({len(ids)} episodes, {n} samples)"))
-        print(tables[-1] + "\n")
-        # Pictures: the first samples of the split, every model side by side.
-        pick = list(range(0, n, max(1, n // max(1, args.examples))))[: args.examples]
-        items = [ds[i] for i in pick]
-        batch = collate_traces(
-            items, max_points=args.max_points, rng=np.random.default_rng(args.seed)
-        )
+    def make_batch(items, seed):
+        batch = collate_traces(items, max_points=args.max_points, rng=np.random.default_rng(seed))
         batch.frozen = FeatureCache.collate(
             [
                 cache.encode(
@@ -153,21 +125,51 @@ def run(args: argparse.Namespace) -> int:
                 for it in items
             ]
         )
-        draw_examples(predictors, items, batch, args.out / split, seed=args.seed)
+        return batch
+
+    results, tables = {}, []
+    for split, dirs in splits.items():
+        ds = ConcatDataset([TraceDataset(d) for d in dirs])
+        n = len(ds)
+        if n == 0:
+            continue
+        index_batches = [
+            list(range(i, min(n, i + args.batch_size))) for i in range(0, n, args.batch_size)
+        ]
+        if args.max_batches:
+            index_batches = index_batches[: args.max_batches]
+
+        def batches(index_batches=index_batches, ds=ds):
+            for k, idx in enumerate(index_batches):
+                yield make_batch([ds[i] for i in idx], args.seed + k)
+
+        with torch.no_grad():
+            res = evaluate(predictors, batches, num_samples_k=args.samples_k, seed=args.seed)
+        results[split] = res
+        names = ", ".join(d.name for d in dirs)
+        tables.append(markdown_table(res, title=f"{split}: {names} ({n} samples)"))
+        print(tables[-1] + "\n")
+        # Pictures: samples spread over the split, every model side by side.
+        pick = list(range(0, n, max(1, n // max(1, args.examples))))[: args.examples]
+        items = [ds[i] for i in pick]
+        with torch.no_grad():
+            draw_examples(
+                predictors, items, make_batch(items, args.seed), args.out / split, seed=args.seed
+            )
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "table.md").write_text("\n\n".join(tables) + "\n")
     print(f"table: {args.out / 'table.md'}\npictures: {args.out}/<split>/example_*.png")
     if args.json:
-        main = next(iter(results.values()))  # the first split is the headline (held-out seeds)
+        headline = next(iter(results.values()))  # held-out seeds when present
         h32 = {
             name: {
                 k.replace("_h32", ""): v
                 for k, v in m.items()
                 if k.endswith("_h32") or "_h" not in k
             }
-            for name, m in main.items()
+            for name, m in headline.items()
         }
         h32["_splits"] = results  # every split, every horizon
         args.json.parent.mkdir(parents=True, exist_ok=True)

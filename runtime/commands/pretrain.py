@@ -26,6 +26,12 @@ def add_parser(sub) -> None:
         help="B-spline knots (default: preset's)",
     )
     p.add_argument(
+        "--objective",
+        choices=["flow", "regression", "tokens"],
+        default=None,
+        help="flow is μ0; regression and tokens train the baselines on the same backbone",
+    )
+    p.add_argument(
         "--val-episodes",
         default=None,
         help="comma-separated episode ids held out for validation (default: every 10th episode)",
