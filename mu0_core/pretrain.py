@@ -464,7 +464,6 @@ def plot_metrics(log_path: Path, png: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=110)
-    steps = [r["step"] for r in rows]
     for key in ("loss", "flow", "done", "rigidity", "val_loss"):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
@@ -482,7 +481,6 @@ def plot_metrics(log_path: Path, png: Path) -> Path | None:
         axes[1].legend(fontsize=8)
     axes[1].set_xlabel("step")
     axes[1].set_title("validation trace error")
-    del steps
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)

@@ -2,7 +2,6 @@
 depth dropout, freezing, gradients, and the published SmolVLM2 architectures (on `meta`)."""
 
 import hashlib
-import time
 
 import pytest
 import torch
@@ -213,7 +212,6 @@ def test_smolvlm2_architectures_build_on_meta(name, n_img, text_hidden, vision_h
 
     from mu0_core.backbones.hf import _config_from_dict
 
-    t0 = time.perf_counter()
     config = _config_from_dict(smolvlm2_config(name))
     with torch.device("meta"):
         model = AutoModel.from_config(config)
@@ -223,7 +221,7 @@ def test_smolvlm2_architectures_build_on_meta(name, n_img, text_hidden, vision_h
     assert model.config.text_config.hidden_size == text_hidden
     assert model.config.vision_config.hidden_size == vision_hidden
     assert model.image_seq_len == n_img
-    assert time.perf_counter() - t0 < 10
+    assert all(p.device.type == "meta" for p in model.parameters())  # nothing was allocated
 
 
 @pytest.mark.parametrize("max_text_tokens, depth_keep", [(32, [True, False]), (8, None)])

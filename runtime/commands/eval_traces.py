@@ -57,7 +57,7 @@ def _parse_checkpoints(specs: list[str] | None) -> dict[str, str]:
         ]
         if missing:
             raise SystemExit(
-                f"mu0 eval-traces: shipped checkpoints missing: {missing} (see README, `make checkpoints`)"
+                f"mu0 eval-traces: shipped checkpoints missing: {missing} (build them with scripts/make_checkpoints.sh)"
             )
         return dict(DEFAULT_CHECKPOINTS)
     out = {}
