@@ -55,6 +55,7 @@ from mu0_core.extract.sources import (
     rgb_key,
     segmentation_key,
 )
+from mu0_core.trace_dataset import atomic_write_json
 
 CHUNKS_SIZE = 1000  # files per chunk directory, as LeRobot
 EPISODE_META_KEY = b"mu0_episode"  # parquet key-value metadata of each data file
@@ -272,15 +273,6 @@ def _atomic_parquet(table: Any, path: Path) -> None:
         raise
 
 
-def _atomic_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=4, ensure_ascii=False)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------
 # Dataset-level metadata, rebuilt from the data files
 
@@ -420,7 +412,7 @@ def write_dataset_meta(
     )
     _atomic_parquet(episodes, root / EPISODES_PATH.format(chunk_index=0, file_index=0))
     _atomic_parquet(_tasks_table(tasks, pa), root / TASKS_PATH)
-    _atomic_json(_merge_stats([m["stats"] for m in metas]), root / STATS_PATH)
+    atomic_write_json(root / STATS_PATH, _merge_stats([m["stats"] for m in metas]))
     info = {
         "codebase_version": CODEBASE_VERSION,
         "robot_type": robot_type,
@@ -436,7 +428,7 @@ def write_dataset_meta(
         "video_path": None,
         "features": features,
     }
-    _atomic_json(info, root / INFO_PATH)
+    atomic_write_json(root / INFO_PATH, info)
     return info
 
 

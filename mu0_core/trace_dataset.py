@@ -73,7 +73,7 @@ OPTIONAL_ARRAYS: dict[str, np.dtype] = {"gt_future_uvz": np.dtype(np.float32)}
 # Writing
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -89,8 +89,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def _check_arrays(episode_id: str, arrays: dict[str, np.ndarray]) -> None:
@@ -171,8 +171,8 @@ def write_episode(
     tensors_path, json_path = episode_paths(directory, episode_id)
     # The safetensors file is the "done" marker, so it goes last; a crash in between leaves
     # only a JSON file, which `episode_done` ignores and the next run overwrites.
-    _atomic_write_json(json_path, strings)
-    _atomic_write_bytes(tensors_path, save(arrays, metadata={"format": FORMAT}))
+    atomic_write_json(json_path, strings)
+    atomic_write_bytes(tensors_path, save(arrays, metadata={"format": FORMAT}))
 
 
 def write_meta(
@@ -203,7 +203,7 @@ def write_meta(
         "source": source,
         "report": report or {},
     }
-    _atomic_write_json(Path(directory) / META_FILE, meta)
+    atomic_write_json(Path(directory) / META_FILE, meta)
     return meta
 
 
