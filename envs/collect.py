@@ -63,6 +63,10 @@ ACTION_NAMES = ["dx", "dy", "dz", "dax", "day", "daz", "gripper"]
 GRIPPER_ACTION_INDEX = 6
 
 
+# With only_success, this many failed seeds in a row stop the collection with an error.
+MAX_FAILED_IN_A_ROW = 20
+
+
 @dataclass(frozen=True)
 class CollectConfig:
     task: str = "Lift"
@@ -476,6 +480,7 @@ def collect(
     if done:  # a run stopped between a data file and its metadata: catch the metadata up
         write_dataset_meta(root, features, config.fps, config.robot)
     new = 0
+    failed_in_a_row = 0
     bar = tqdm(
         total=config.episodes,
         initial=min(len(done), config.episodes),
@@ -499,8 +504,17 @@ def collect(
                 if success_streak >= config.settle_steps:
                     break
             if config.only_success and not success:
+                failed_in_a_row += 1
                 bar.set_postfix(skipped_seed=seed)
+                if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                    # A demonstrator that cannot do the task would otherwise loop forever.
+                    raise RuntimeError(
+                        f"collect {config.task}/{config.robot}: the demonstrator failed "
+                        f"{failed_in_a_row} seeds in a row (up to seed {seed}); "
+                        f"{len(done)} successful episodes are kept"
+                    )
                 continue
+            failed_in_a_row = 0
             index = len(done)
             meta = {
                 "episode_index": index,

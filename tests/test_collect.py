@@ -119,3 +119,17 @@ def test_extract_from_recording_attaches_truth(tmp_path, env):
     assert "gt_future_uvz" in traces.arrays()
     errors = track_errors(traces)
     assert len(errors["px"]) > 0 and np.median(errors["px"]) < 2.0
+
+
+def test_only_success_stops_when_the_demonstrator_keeps_failing(tmp_path, env, monkeypatch):
+    import dataclasses
+
+    import envs.collect as collect_module
+
+    monkeypatch.setattr(collect_module, "MAX_FAILED_IN_A_ROW", 2)
+    cfg = dataclasses.replace(
+        _cfg(2), only_success=True, max_steps=3
+    )  # 3 steps never lift the cube
+    with pytest.raises(RuntimeError, match="failed 2 seeds in a row"):
+        collect(tmp_path / "never", cfg, progress=False, env=env)
+    assert finished_episodes(tmp_path / "never") == []
