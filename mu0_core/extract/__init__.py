@@ -14,6 +14,10 @@ OpenCV is imported lazily, inside the functions that need it (the ``mu0[sim]`` e
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from typing import Any
+
 CV2_HINT = "TraceExtract needs OpenCV: pip install 'mu0[sim]'"
 
 
@@ -32,3 +36,17 @@ class ExtractError(ValueError):
     def __init__(self, episode_id: str, message: str):
         super().__init__(f"episode {episode_id}: {message}")
         self.episode_id = episode_id
+
+
+def make_plugin(
+    kind: str, registry: dict[str, Callable[..., Any]], name: str, **kwargs: Any
+) -> Any:
+    """A pluggable stage (tracker, captioner) by registered name or ``"package.module:factory"``."""
+    if name in registry:
+        return registry[name](**kwargs)
+    if ":" in name:
+        module, attr = name.split(":", 1)
+        return getattr(importlib.import_module(module), attr)(**kwargs)
+    raise ValueError(
+        f"unknown {kind} {name!r}; registered: {sorted(registry)} (or 'module:factory')"
+    )

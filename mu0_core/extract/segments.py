@@ -10,12 +10,13 @@ name or given as ``"package.module:factory"``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from mu0_core.extract import make_plugin
 
 
 @dataclass
@@ -161,11 +162,4 @@ CAPTIONERS: dict[str, Callable[..., Callable[[str, list[Segment]], list[str]]]] 
 
 def make_captioner(name: str = "rule", **kwargs: Any) -> Callable[[str, list[Segment]], list[str]]:
     """A captioner by registered name or import path ``"package.module:factory"``."""
-    if name in CAPTIONERS:
-        return CAPTIONERS[name](**kwargs)
-    if ":" in name:
-        module, attr = name.split(":", 1)
-        return getattr(importlib.import_module(module), attr)(**kwargs)
-    raise ValueError(
-        f"unknown captioner {name!r}; registered: {sorted(CAPTIONERS)} (or 'module:factory')"
-    )
+    return make_plugin("captioner", CAPTIONERS, name, **kwargs)

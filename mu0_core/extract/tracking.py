@@ -14,14 +14,13 @@ that only translate do not accumulate drift.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from mu0_core.extract import import_cv2
+from mu0_core.extract import import_cv2, make_plugin
 from mu0_core.extract.keypoints import to_gray
 
 
@@ -164,11 +163,4 @@ def register_tracker(name: str, factory: Callable[..., Tracker]) -> None:
 
 def make_tracker(name: str = "lk", **kwargs: Any) -> Tracker:
     """A tracker by registered name, or by import path ``"package.module:factory"``."""
-    if name in TRACKERS:
-        return TRACKERS[name](**kwargs)
-    if ":" in name:
-        module, attr = name.split(":", 1)
-        return getattr(importlib.import_module(module), attr)(**kwargs)
-    raise ValueError(
-        f"unknown tracker {name!r}; registered: {sorted(TRACKERS)} (or 'module:factory')"
-    )
+    return make_plugin("tracker", TRACKERS, name, **kwargs)

@@ -37,6 +37,15 @@ def add_parser(sub) -> None:
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
+def write_json(path: Path | None, figures: dict) -> None:
+    """Write a benchmark's figures as JSON when ``--json`` was given."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def run_model(args: argparse.Namespace) -> int:
     import torch
 
@@ -57,10 +66,7 @@ def run_model(args: argparse.Namespace) -> int:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
         results[name]["threads"] = args.threads
         _print_row(name, results[name], queries)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 
@@ -167,8 +173,5 @@ def run_server(args: argparse.Namespace) -> int:
                 f"  {'':8s} {r['clients']:7d} {'on' if r['batching'] else 'off':8s} "
                 f"{r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {r['throughput_hz']:7.1f}"
             )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0

@@ -11,7 +11,6 @@ in millimetres; throughput is frames extracted per second (collection not includ
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -113,6 +112,7 @@ def evaluate(episodes_dir: Path, points: int, progress: bool = True) -> dict[str
 
 def run(args: argparse.Namespace) -> int:
     from envs.collect import CollectConfig, collect
+    from runtime.commands.bench import write_json
 
     with tempfile.TemporaryDirectory(prefix="mu0-bench-extract-") as tmp:
         workdir = args.workdir or Path(tmp)
@@ -140,8 +140,5 @@ def run(args: argparse.Namespace) -> int:
         f"{result['track_err_mm_median_all']:.1f} mm; valid {result['share_valid']:.0%}), "
         f"{result['frames_per_s']:.1f} frames/s"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
