@@ -16,6 +16,9 @@ COMMANDS = [
     "runtime.commands.extract",
     "runtime.commands.pretrain",
     "runtime.commands.eval_traces",
+    "runtime.commands.train_expert",
+    "runtime.commands.eval_policy",
+    "runtime.commands.demo",
     "runtime.commands.bench",
 ]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 # split → (task, robot) pairs; seeds 1000+ are never used for training data.
 HELDOUT = {
-    "heldout_seeds": [("Lift", "Panda"), ("Stack", "UR5e"), ("PickPlaceCan", "Kinova3")],
+    "heldout_seeds": [("Lift", "Panda"), ("Stack", "UR5e"), ("PickPlaceCan", "Panda")],
     "heldout_task": [("Door", "Panda")],
     "heldout_robot": [("Lift", "IIWA"), ("Stack", "IIWA")],
 }

@@ -61,6 +61,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
         "--preset", default=None, help="serve an untrained model preset (benchmarks only)"
     )
     p.add_argument("--device", default="cpu", help="cuda | cuda:N | cpu (default cpu)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default torch's; use 1 when simulators share the cores)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
     p.add_argument("--port", type=int, default=5555, help="ROUTER port (0 picks a free one)")
     p.add_argument(
@@ -120,6 +126,10 @@ def run_keys(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.trivial:
         from runtime.model_api import EchoTraceModel
 

@@ -1,0 +1,319 @@
+"""The shared base of the per-embodiment action experts: a small flow-matching policy over
+action chunks, conditioned on predicted 3D traces, proprioception and the instruction.
+
+Inputs (`ExpertObservation`), all in the robot's base frame:
+
+    traces_base   float32[N, T, 3]  future traces of N query points (metres); point 0 is the
+                                    gripper (its grip site), the others are scene points
+    trace_valid   bool[N]           False for a point the model could not place
+    proprio       float32[D]        the env's proprio vector (envs.robosuite_env), whose
+                                    first 7 entries are eef_pos_base[3], eef_quat_base_xyzw[4]
+    instruction   str               one of the instructions the expert was trained on
+    traces_available  bool          False: no trace (the `no_trace` condition, or a stale one)
+
+Output: float32[chunk, 7] actions in the env's convention (OSC_POSE delta in the base frame,
+1 ↔ 5 cm or 0.5 rad per step; gripper -1 open, +1 close); execute the first ``execute``.
+
+Traces enter as per-point features relative to the gripper: where the point is now, and where
+it will be at ``trace_steps`` samples of the horizon, in decimetres. A set encoder (per-point
+MLP, then attention pooling with a learned query) makes the order of the scene points
+irrelevant. During training the whole trace context is replaced with a learned "no trace"
+vector with probability ``trace_dropout``, so one network serves both the trace-conditioned
+and the trace-free conditions, and holds a sensible policy when traces go stale.
+
+The instruction is embedded by lookup among the instructions seen in training (an expert
+serves a fixed task set); an unknown one is an error that lists the known ones.
+Checkpoints: safetensors + JSON config (no pickle), like μ0's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+TRACE_SCALE_M = 0.1  # traces and positions enter the network in decimetres
+EEF_DIMS = 7  # eef_pos_base[3] + eef_quat_base_xyzw[4] lead every proprio vector
+ACTION_DIM = 7
+
+
+@dataclass
+class ExpertObservation:
+    traces_base: np.ndarray  # float32[N, T, 3]
+    trace_valid: np.ndarray  # bool[N]
+    proprio: np.ndarray  # float32[D]
+    instruction: str
+    traces_available: bool = True
+
+
+@dataclass
+class ActionExpertConfig:
+    embodiment: str
+    proprio_dim: int
+    instructions: list[str]
+    chunk: int = 16  # actions predicted per call (the reference's 16)
+    execute: int = 8  # actions executed before the next call (the reference's 8)
+    trace_steps: list[int] = field(default_factory=lambda: [1, 3, 7, 11, 15, 19, 23, 31])
+    max_points: int = 33
+    width: int = 256
+    point_width: int = 128
+    depth: int = 3
+    trace_dropout: float = 0.3
+    flow_steps: int = 10
+    proprio_mean: list[float] | None = None
+    proprio_std: list[float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ActionExpertConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown action-expert config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def _time_embedding(t: Tensor, dim: int) -> Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device) / half)
+    ang = t[:, None] * freqs[None] * 1000.0
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class TraceSetEncoder(nn.Module):
+    """[B, N, F] per-point features + mask → [B, width] (order of scene points irrelevant)."""
+
+    def __init__(self, in_dim: int, point_width: int, width: int):
+        super().__init__()
+        self.point = nn.Sequential(
+            nn.Linear(in_dim + 1, point_width),
+            nn.GELU(),
+            nn.Linear(point_width, point_width),
+            nn.GELU(),
+            nn.Linear(point_width, point_width),
+        )
+        self.gripper = nn.Sequential(nn.Linear(in_dim, point_width), nn.GELU())
+        self.query = nn.Parameter(torch.randn(4, point_width) * 0.02)
+        self.out = nn.Linear(4 * point_width + point_width, width)
+
+    def forward(self, feats: Tensor, mask: Tensor) -> Tensor:
+        B, N, _ = feats.shape
+        is_gripper = torch.zeros(B, N, 1, device=feats.device)
+        is_gripper[:, 0] = 1.0
+        h = self.point(torch.cat([feats, is_gripper], dim=-1))  # [B, N, P]
+        logits = torch.einsum("qp,bnp->bqn", self.query, h) / math.sqrt(h.shape[-1])
+        logits = logits.masked_fill(~mask[:, None, :], -1e9)
+        w = logits.softmax(dim=-1) * mask[:, None, :].any(-1, keepdim=True)
+        pooled = torch.einsum("bqn,bnp->bqp", w, h).reshape(B, -1)
+        grip = self.gripper(feats[:, 0]) * mask[:, :1]
+        return self.out(torch.cat([pooled, grip], dim=-1))
+
+
+class ActionExpert(nn.Module):
+    """Flow matching over action chunks; see the module docstring."""
+
+    def __init__(self, cfg: ActionExpertConfig):
+        super().__init__()
+        self.cfg = cfg
+        W = cfg.width
+        point_in = 3 + 3 * len(cfg.trace_steps)
+        self.traces = TraceSetEncoder(point_in, cfg.point_width, W)
+        self.no_trace = nn.Parameter(torch.zeros(W))
+        self.proprio = nn.Sequential(nn.Linear(cfg.proprio_dim, W), nn.GELU(), nn.Linear(W, W))
+        self.instruction = nn.Embedding(len(cfg.instructions), W)
+        self.context = nn.Sequential(nn.Linear(3 * W, W), nn.GELU(), nn.Linear(W, W))
+        self.time = nn.Linear(64, W)
+        self.action_in = nn.Linear(cfg.chunk * ACTION_DIM, W)
+        self.blocks = nn.ModuleList(_Block(W) for _ in range(cfg.depth))
+        self.head = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, cfg.chunk * ACTION_DIM))
+        nn.init.zeros_(self.head[1].weight)
+        nn.init.zeros_(self.head[1].bias)
+        mean = cfg.proprio_mean or [0.0] * cfg.proprio_dim
+        std = cfg.proprio_std or [1.0] * cfg.proprio_dim
+        self.register_buffer("p_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("p_std", torch.tensor(std, dtype=torch.float32), persistent=False)
+
+    # -- properties the control loop reads ----------------------------------------------
+    @property
+    def embodiment(self) -> str:
+        return self.cfg.embodiment
+
+    @property
+    def chunk(self) -> int:
+        return self.cfg.chunk
+
+    @property
+    def execute(self) -> int:
+        return self.cfg.execute
+
+    @property
+    def device(self) -> torch.device:
+        return self.no_trace.device
+
+    # -- features --------------------------------------------------------------------------
+    def point_features(self, traces: Tensor, eef_pos: Tensor) -> Tensor:
+        """traces [B, N, T, 3] (base frame, m), eef_pos [B, 3] → [B, N, 3 + 3 S]."""
+        now = traces[:, :, 0]  # the first horizon step is where the point is now
+        steps = torch.as_tensor(self.cfg.trace_steps, device=traces.device)
+        steps = steps.clamp(max=traces.shape[2] - 1)
+        fut = traces[:, :, steps] - now[:, :, None]
+        rel = now - eef_pos[:, None]
+        return torch.cat([rel, fut.flatten(2)], dim=-1) / TRACE_SCALE_M
+
+    def encode_context(
+        self,
+        traces: Tensor,
+        trace_valid: Tensor,
+        proprio: Tensor,
+        instruction_ids: Tensor,
+        traces_available: Tensor,
+    ) -> Tensor:
+        """traces [B, N, T, 3], trace_valid [B, N], proprio [B, D], instruction_ids [B],
+        traces_available bool[B] → context [B, W]."""
+        feats = self.point_features(traces, proprio[:, :3])
+        feats = torch.nan_to_num(feats).clamp(-20, 20)
+        tr = self.traces(feats, trace_valid)
+        use = (traces_available & trace_valid.any(-1))[:, None]
+        tr = torch.where(use, tr, self.no_trace.expand_as(tr))
+        p = self.proprio((proprio - self.p_mean) / self.p_std)
+        return self.context(torch.cat([tr, p, self.instruction(instruction_ids)], dim=-1))
+
+    def velocity(self, x_t: Tensor, t: Tensor, ctx: Tensor) -> Tensor:
+        h = self.action_in(x_t.flatten(1)) + self.time(_time_embedding(t, 64)) + ctx
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h).view_as(x_t)
+
+    # -- training ---------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """Flow matching: x_t = (1 - t) ε + t a, the network predicts a - ε.
+        ``batch``: traces, trace_valid, proprio, instruction_ids, actions [B, chunk, 7],
+        action_mask [B, chunk]."""
+        a = batch["actions"]
+        B = a.shape[0]
+        dev = a.device
+        available = torch.rand(B, device=dev, generator=generator) >= self.cfg.trace_dropout
+        ctx = self.encode_context(
+            batch["traces"],
+            batch["trace_valid"],
+            batch["proprio"],
+            batch["instruction_ids"],
+            available,
+        )
+        eps = torch.randn(a.shape, device=dev, generator=generator)
+        t = torch.rand(B, device=dev, generator=generator)
+        x_t = (1 - t)[:, None, None] * eps + t[:, None, None] * a
+        v = self.velocity(x_t, t, ctx)
+        err = ((v - (a - eps)) ** 2).mean(-1)  # [B, chunk]
+        m = batch["action_mask"].float()
+        return (err * m).sum() / m.sum().clamp(min=1)
+
+    # -- inference ---------------------------------------------------------------------------
+    def instruction_id(self, instruction: str) -> int:
+        try:
+            return self.cfg.instructions.index(instruction)
+        except ValueError:
+            raise ValueError(
+                f"the {self.embodiment} expert was not trained on the instruction "
+                f"{instruction!r}; it knows {self.cfg.instructions}"
+            ) from None
+
+    @torch.no_grad()
+    def sample(self, ctx: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        B = ctx.shape[0]
+        x = torch.randn(B, self.cfg.chunk, ACTION_DIM, device=ctx.device, generator=generator)
+        n = self.cfg.flow_steps
+        for k in range(n):
+            t = torch.full((B,), k / n, device=ctx.device)
+            x = x + self.velocity(x, t, ctx) / n
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def act(self, obs: ExpertObservation, seed: int | None = None) -> np.ndarray:
+        """One observation → float32[chunk, 7] actions (execute the first ``execute``)."""
+        dev = self.device
+        proprio = np.asarray(obs.proprio, np.float32)
+        if proprio.shape != (self.cfg.proprio_dim,):
+            raise ValueError(
+                f"the {self.embodiment} expert expects proprio[{self.cfg.proprio_dim}], "
+                f"got {list(proprio.shape)}"
+            )
+        traces = np.asarray(obs.traces_base, np.float32)
+        valid = np.asarray(obs.trace_valid, bool)
+        if traces.ndim != 3 or traces.shape[-1] != 3 or valid.shape != traces.shape[:1]:
+            raise ValueError(
+                f"traces_base must be [N, T, 3] with trace_valid [N], got "
+                f"{list(traces.shape)} and {list(valid.shape)}"
+            )
+        traces, valid = traces[: self.cfg.max_points], valid[: self.cfg.max_points]
+        ctx = self.encode_context(
+            torch.from_numpy(traces)[None].to(dev),
+            torch.from_numpy(valid)[None].to(dev),
+            torch.from_numpy(proprio)[None].to(dev),
+            torch.tensor([self.instruction_id(obs.instruction)], device=dev),
+            torch.tensor([bool(obs.traces_available)], device=dev),
+        )
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=dev).manual_seed(seed)
+        return self.sample(ctx, gen)[0].cpu().numpy().astype(np.float32)
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+CONFIG_FILE = "expert.json"
+WEIGHTS_FILE = "expert.safetensors"
+
+
+def save_expert(
+    expert: ActionExpert, path: str | Path, extra: dict[str, Any] | None = None
+) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in expert.state_dict().items()}
+    save_file(state, str(path / (WEIGHTS_FILE + ".tmp")))
+    (path / (WEIGHTS_FILE + ".tmp")).replace(path / WEIGHTS_FILE)
+    meta = {"format": "mu0-action-expert", "version": 1, "config": expert.cfg.to_dict()}
+    meta.update(extra or {})
+    tmp = path / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(path / CONFIG_FILE)
+    return path
+
+
+def load_expert(path: str | Path, device: str = "cpu") -> ActionExpert:
+    """An expert directory (``expert.json`` + ``expert.safetensors``) → ActionExpert in eval mode."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not an action-expert checkpoint (no {CONFIG_FILE})")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != "mu0-action-expert":
+        raise ValueError(f"{cfg_file}: not an action-expert checkpoint")
+    expert = ActionExpert(ActionExpertConfig.from_dict(meta["config"]))
+    state = load_file(str(path / WEIGHTS_FILE))
+    missing, unexpected = expert.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+    return expert.to(device).eval()

@@ -1,0 +1,167 @@
+"""Training data of an action expert: recorded episodes + the frozen μ0's traces on them.
+
+For every kept frame t of a LeRobot v3 recording (``mu0 collect``), the queries are built
+exactly as at run time (``policies.queries.QueryBuilder``: the gripper with its recorded
+history, scene points from the pixels), the frozen μ0 predicts their traces, and the sample
+keeps those predicted traces (in the robot base frame), the proprioception, the instruction and
+the recorded action chunk a[t : t + chunk] (padded past the end, with a mask). Ground-truth
+future traces are never used. Predictions are cached per (episode, μ0 checkpoint hash, stride)
+in one safetensors file, so retraining an expert costs no μ0 call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
+
+from policies.queries import QueryBuilder, traces_to_base
+
+
+def _T_world_base(source, episode) -> np.ndarray:
+    """The robot base pose from the recording's simulator body poses (fixed over an episode)."""
+    sim = episode.sim
+    if sim is None or "robot0_base" not in sim.body_names:
+        raise ValueError(f"{source.root}/{episode.id}: no robot0_base pose recorded")
+    pose = sim.body_pose[0, sim.body_names.index("robot0_base")].astype(np.float64)
+    w, x, y, z = pose[3:] / np.linalg.norm(pose[3:])
+    T = np.eye(4)
+    T[:3, :3] = [
+        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+    ]
+    T[:3, 3] = pose[:3]
+    return T
+
+
+def _state_actions(source, episode_id: str) -> tuple[np.ndarray, np.ndarray]:
+    from mu0_core.extract.sources import ACTION_KEY, STATE_KEY, column_to_numpy, import_pyarrow
+
+    _, pq = import_pyarrow()
+    index = int(episode_id.rsplit("_", 1)[-1])
+    row = source._episodes[index]
+    path = source.root / source.info["data_path"].format(
+        chunk_index=int(row["data/chunk_index"]), file_index=int(row["data/file_index"])
+    )
+    table = pq.read_table(path, columns=[STATE_KEY, ACTION_KEY, "episode_index", "frame_index"])
+    table = table.filter(table.column("episode_index").to_numpy() == index).sort_by("frame_index")
+    D = tuple(source.features[STATE_KEY]["shape"])
+    state = column_to_numpy(table.column(STATE_KEY), D, np.float32)
+    actions = column_to_numpy(table.column(ACTION_KEY), (7,), np.float32)
+    return state, actions
+
+
+def episode_samples(
+    source,
+    episode_id: str,
+    trace_model,
+    chunk: int,
+    stride: int = 2,
+    num_scene_points: int = 32,
+    batch: int = 16,
+) -> dict[str, np.ndarray]:
+    """One recorded episode → arrays of expert samples (see the module docstring)."""
+    ep = source.load(episode_id)
+    state, actions = _state_actions(source, episode_id)
+    F = ep.num_frames
+    T_world_base = _T_world_base(source, ep)
+    T_base_world = np.linalg.inv(T_world_base)
+    qb = QueryBuilder(num_scene_points)
+    frames = list(range(0, F, stride))
+    obs_list, T_list = [], []
+    for t in range(F):
+        qb.observe(state[t, :3])
+        if t % stride:
+            continue
+        T_base_cam = T_base_world @ ep.T_world_cam[t].astype(np.float64)
+        obs_list.append(
+            qb.build(ep.rgb[t], ep.depth_m[t], ep.intrinsics[t], T_base_cam, ep.instruction)
+        )
+        T_list.append(T_base_cam)
+    traces = []
+    for i in range(0, len(obs_list), batch):
+        preds = trace_model.predict_batch(obs_list[i : i + batch])
+        for k, p in enumerate(preds):
+            traces.append(traces_to_base(p["traces_xyz_cam"], T_list[i + k]))
+    S = len(frames)
+    chunks = np.zeros((S, chunk, 7), np.float32)
+    mask = np.zeros((S, chunk), bool)
+    for i, t in enumerate(frames):
+        a = actions[t : t + chunk]
+        chunks[i, : len(a)] = a
+        chunks[i, len(a) :, 6] = actions[-1, 6]  # past the end: hold still, keep the gripper
+        mask[i, : len(a)] = True
+    return {
+        "traces": np.stack(traces).astype(np.float16),
+        "trace_valid": np.ones((S, traces[0].shape[0]), bool),
+        "proprio": state[frames],
+        "actions": chunks,
+        "action_mask": mask,
+        "instruction": np.array([ep.instruction] * S),
+    }
+
+
+def build_expert_dataset(
+    episode_dirs: list[Path],
+    trace_model,
+    cache_dir: Path,
+    chunk: int,
+    stride: int = 2,
+    num_scene_points: int = 32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """All episodes of the given recordings → one dict of stacked arrays (+ "instructions")."""
+    from mu0_core.extract.sources import LeRobotV3Source
+
+    key = trace_model.metadata().get("model_hash", "model")[:16]
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for d in episode_dirs:
+        src = LeRobotV3Source(d)
+        jobs += [(src, eid) for eid in src.episode_ids()]
+    parts: list[dict[str, np.ndarray]] = []
+    bar = tqdm(jobs, desc="μ0 traces for expert data", disable=not progress, unit="ep")
+    for src, eid in bar:
+        name = f"{Path(src.root).name}-{eid}-{key}-s{stride}-q{num_scene_points}-c{chunk}"
+        f = cache_dir / f"{name}.safetensors"
+        if f.is_file():
+            arrs = load_file(str(f))
+            instr = json.loads((cache_dir / f"{name}.json").read_text())["instruction"]
+            arrs["instruction"] = np.array([instr] * len(arrs["proprio"]))
+        else:
+            arrs = episode_samples(src, eid, trace_model, chunk, stride, num_scene_points)
+            instr = str(arrs["instruction"][0])
+            tmp = f.with_suffix(".tmp")
+            save_file({k: v for k, v in arrs.items() if k != "instruction"}, str(tmp))
+            tmp.replace(f)
+            (cache_dir / f"{name}.json").write_text(json.dumps({"instruction": instr}))
+        parts.append(arrs)
+    if not parts:
+        raise ValueError(f"no episodes in {[str(d) for d in episode_dirs]}")
+    dims = {p["proprio"].shape[1] for p in parts}
+    if len(dims) != 1:
+        raise ValueError(
+            f"recordings mix robots (proprio sizes {sorted(dims)}): one robot per expert"
+        )
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out["instructions"] = sorted(set(out["instruction"].tolist()))
+    return out
+
+
+def to_tensors(data: dict[str, Any], idx: np.ndarray, instructions: list[str], device) -> dict:
+    ids = np.array([instructions.index(s) for s in data["instruction"][idx]])
+    return {
+        "traces": torch.from_numpy(data["traces"][idx].astype(np.float32)).to(device),
+        "trace_valid": torch.from_numpy(data["trace_valid"][idx]).to(device),
+        "proprio": torch.from_numpy(data["proprio"][idx]).to(device),
+        "instruction_ids": torch.from_numpy(ids).to(device),
+        "actions": torch.from_numpy(data["actions"][idx]).to(device),
+        "action_mask": torch.from_numpy(data["action_mask"][idx]).to(device),
+    }

@@ -1,0 +1,154 @@
+"""Which points an action expert asks μ0 about, and how replies become base-frame traces.
+
+Query 0 is the gripper: its grip site, whose position the robot knows (proprio, in the base
+frame), projected into the camera with the calibration ``T_base_cam``, with a true 8-step
+history. Queries 1.. are scene points picked from pixels alone: Shi–Tomasi corners of the
+current image where depth is valid (objects, their edges, the arm), topped up with a grid when
+the image has few corners. Scene points carry no history (only the current step is valid),
+which pretraining covers with its history-masking augmentation.
+
+Everything here is numpy (and OpenCV for corners): it runs on the robot's computer.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from runtime.model_api import HISTORY_STEPS
+
+DEFAULT_SCENE_POINTS = 32
+
+
+def _inv(T: np.ndarray) -> np.ndarray:
+    R, t = T[:3, :3], T[:3, 3]
+    out = np.eye(4)
+    out[:3, :3] = R.T
+    out[:3, 3] = -R.T @ t
+    return out
+
+
+def _apply(T: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return p @ T[:3, :3].T + T[:3, 3]
+
+
+def cam_to_uvz(xyz_cam: np.ndarray, intrinsics: np.ndarray, width: int, height: int) -> np.ndarray:
+    """OpenCV camera-frame points [..., 3] → (normalised u, normalised v, z) [..., 3]."""
+    fx, fy, cx, cy = (float(x) for x in intrinsics)
+    z = np.maximum(xyz_cam[..., 2], 1e-6)
+    u_px = fx * xyz_cam[..., 0] / z + cx
+    v_px = fy * xyz_cam[..., 1] / z + cy
+    return np.stack(
+        [(2 * u_px + 1) / width - 1, (2 * v_px + 1) / height - 1, xyz_cam[..., 2]], axis=-1
+    ).astype(np.float32)
+
+
+def scene_points(
+    rgb: np.ndarray, depth_m: np.ndarray, num: int = DEFAULT_SCENE_POINTS, min_distance: float = 5.0
+) -> np.ndarray:
+    """Pixels (u, v) float32[num, 2] to query: corners where depth is valid, then a grid."""
+    from mu0_core.extract import import_cv2
+
+    cv2 = import_cv2()
+    H, W = depth_m.shape
+    ok = np.isfinite(depth_m) & (depth_m > 0.05) & (depth_m < 5.0)
+    # Leave out the far background (walls): the farthest fifth of the valid depths.
+    if ok.any():
+        ok &= depth_m <= np.quantile(depth_m[ok], 0.8)
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    pts = cv2.goodFeaturesToTrack(
+        gray,
+        maxCorners=num,
+        qualityLevel=0.01,
+        minDistance=min_distance,
+        mask=ok.astype(np.uint8) * 255,
+        blockSize=3,
+    )
+    uv = np.zeros((0, 2), np.float32) if pts is None else pts.reshape(-1, 2).astype(np.float32)
+    if len(uv) < num:  # top up with a grid over the valid pixels
+        side = int(np.ceil(np.sqrt(num)))
+        gu, gv = np.meshgrid(np.linspace(0.1, 0.9, side) * W, np.linspace(0.2, 0.9, side) * H)
+        grid = np.stack([gu.ravel(), gv.ravel()], axis=-1).astype(np.float32)
+        keep = ok[grid[:, 1].astype(int).clip(0, H - 1), grid[:, 0].astype(int).clip(0, W - 1)]
+        uv = np.concatenate([uv, grid[keep], grid[~keep]])[:num]
+    return uv
+
+
+class QueryBuilder:
+    """Keeps the gripper's history and builds the wire observation for each frame.
+
+    Call ``observe(...)`` once per control step (it records the gripper position), and
+    ``build(...)`` when a trace request goes out.
+    """
+
+    def __init__(self, num_scene_points: int = DEFAULT_SCENE_POINTS):
+        self.num_scene_points = num_scene_points
+        self._eef: deque[np.ndarray] = deque(maxlen=HISTORY_STEPS)
+
+    def reset(self) -> None:
+        self._eef.clear()
+
+    def observe(self, eef_pos_base: np.ndarray) -> None:
+        self._eef.append(np.asarray(eef_pos_base, np.float64).copy())
+
+    def build(
+        self,
+        rgb: np.ndarray,
+        depth_m: np.ndarray,
+        intrinsics: np.ndarray,
+        T_base_cam: np.ndarray,
+        instruction: str,
+    ) -> dict[str, Any]:
+        """→ the observation dict of the wire protocol (docs/protocol.md), plus nothing else."""
+        if not self._eef:
+            raise RuntimeError("QueryBuilder.build before any observe(eef_pos_base)")
+        H, W = depth_m.shape
+        T_cam_base = _inv(np.asarray(T_base_cam, np.float64))
+        T = HISTORY_STEPS
+        eef = np.stack(list(self._eef))  # [k, 3], oldest first
+        k = len(eef)
+        grip_uvz = np.zeros((T, 3), np.float32)
+        grip_uvz[T - k :] = cam_to_uvz(_apply(T_cam_base, eef), intrinsics, W, H)
+        grip_valid = np.zeros(T, bool)
+        grip_valid[T - k :] = True
+
+        uv = scene_points(rgb, depth_m, self.num_scene_points)
+        ui = np.round(uv[:, 0]).astype(int).clip(0, W - 1)
+        vi = np.round(uv[:, 1]).astype(int).clip(0, H - 1)
+        z = depth_m[vi, ui]
+        z = np.where(np.isfinite(z) & (z > 0), z, np.nanmedian(depth_m))
+        scene = np.stack([(2 * uv[:, 0] + 1) / W - 1, (2 * uv[:, 1] + 1) / H - 1, z], -1)
+        hist = np.zeros((1 + len(uv), T, 3), np.float32)
+        hist[0] = grip_uvz
+        hist[1:, -1] = scene
+        valid = np.zeros((1 + len(uv), T), bool)
+        valid[0] = grip_valid
+        valid[1:, -1] = True
+        return {
+            "rgb": np.ascontiguousarray(rgb, dtype=np.uint8),
+            "depth_m": np.ascontiguousarray(depth_m, dtype=np.float32),
+            "instruction": instruction,
+            "hist_uvz": hist,
+            "hist_valid": valid,
+            "intrinsics": np.asarray(intrinsics, np.float32),
+        }
+
+
+def traces_to_base(traces_xyz_cam: np.ndarray, T_base_cam: np.ndarray) -> np.ndarray:
+    """float32[N, H, 3] camera-frame traces → the robot base frame."""
+    return _apply(np.asarray(T_base_cam, np.float64), traces_xyz_cam.astype(np.float64)).astype(
+        np.float32
+    )
+
+
+def query_points_cam(obs: dict[str, Any]) -> np.ndarray:
+    """The current 3D position (camera frame) of every query of a wire observation: [N, 3]."""
+    H, W = obs["depth_m"].shape
+    uvz = obs["hist_uvz"][:, -1]
+    fx, fy, cx, cy = (float(x) for x in obs["intrinsics"])
+    u_px = ((uvz[:, 0] + 1) * W - 1) / 2
+    v_px = ((uvz[:, 1] + 1) * H - 1) / 2
+    z = uvz[:, 2]
+    return np.stack([(u_px - cx) * z / fx, (v_px - cy) * z / fy, z], -1)
