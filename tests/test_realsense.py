@@ -1,0 +1,212 @@
+"""RealSense cameras without hardware: the SDK's software device and recorded-file playback.
+
+Frames go through the real SDK (syncer, alignment, depth units, playback); the checks are
+on values: depth in metres in each model's unit, intrinsics from the device, depth
+shifted by alignment as the extrinsics say, frames in order from a recording.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from envs.realsense import (
+    CameraGroup,
+    EndOfRecording,
+    RealSenseCamera,
+    RealSenseConfig,
+    SoftwareRealSense,
+    find_realsense,
+    write_recording,
+)
+
+rs = pytest.importorskip("pyrealsense2")
+
+W, H = 96, 72
+
+
+def _frame(i: int, depth_m: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[..., 0] = i  # the frame's index, to check order
+    rgb[..., 1] = 255 - i
+    return rgb, np.full((H, W), depth_m, np.float32)
+
+
+def _push_and_read(sw, cam, rgb, depth, timestamp_ms=None, attempts=30):
+    """Stream one picture at the device's rate until it comes out of the camera.
+
+    As from a real device, frames must keep coming: the SDK's syncer hands a depth or
+    colour frame over alone when its partner's stream looks stalled (the first frames).
+    """
+    first = None
+    for k in range(attempts):
+        stamp = None if timestamp_ms is None else timestamp_ms + k * 1e3 / sw.fps
+        number = sw.push(rgb, depth, timestamp_ms=stamp)
+        first = number if first is None else first
+        try:
+            frame = cam.read(timeout_s=1.0 / sw.fps)
+        except TimeoutError:
+            continue
+        if frame.frame_number >= first:
+            return frame
+    raise AssertionError("no frame came through the software device")
+
+
+def test_import_needs_no_sdk_and_missing_sdk_names_extra():
+    code = (
+        "import sys; sys.modules['pyrealsense2'] = None\n"
+        "import envs.realsense as r\n"
+        "try:\n    r.RealSenseCamera().connect()\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'mu0[real]'" in out.stdout
+
+
+def test_no_devices_here_is_an_empty_list():
+    # CI machines have no camera; a real machine lists what is plugged in.
+    assert isinstance(find_realsense(), list)
+
+
+@pytest.mark.parametrize(("model", "unit"), [("D405", 1e-4), ("D435", 1e-3)])
+def test_depth_in_metres_in_the_models_own_unit(model, unit):
+    sw = SoftwareRealSense(serial=f"SW-{model}", model=model, width=W, height=H)
+    with RealSenseCamera(RealSenseConfig(width=W, height=H), device=sw) as cam:
+        assert cam.serial == f"SW-{model}"
+        assert cam.depth_scale == pytest.approx(unit, rel=1e-5)
+        frame = _push_and_read(sw, cam, *_frame(1, depth_m=0.51234))
+    valid = frame.depth_m[frame.depth_m > 0]
+    assert valid.size > 0.8 * frame.depth_m.size
+    # Quantised by the device's unit: 0.5123 m on a D405, 0.512 m on a D435.
+    expected = np.round(0.51234 / unit) * unit
+    assert np.median(valid) == pytest.approx(expected, abs=1e-6)
+    assert frame.depth_scale == pytest.approx(unit, rel=1e-5)
+
+
+def test_intrinsics_come_from_the_device():
+    sw = SoftwareRealSense(serial="SW1", width=W, height=H, intrinsics=(81.0, 82.0, 47.0, 35.5))
+    with RealSenseCamera(RealSenseConfig(width=W, height=H), device=sw) as cam:
+        np.testing.assert_allclose(cam.intrinsics, [81.0, 82.0, 47.0, 35.5])
+        assert cam.image_size == (W, H)
+        frame = _push_and_read(sw, cam, *_frame(3))
+    np.testing.assert_allclose(frame.intrinsics, [81.0, 82.0, 47.0, 35.5])
+    np.testing.assert_array_equal(frame.rgb[0, 0], [3, 252, 0])
+
+
+def test_depth_is_aligned_to_colour():
+    # Depth sensor 5 cm to the side of the colour sensor: a depth edge at column 48 must
+    # land f * 0.05 / z pixels over in the colour image (10 px at f = 100, z = 0.5).
+    f, z, tx = 100.0, 0.5, 0.05
+    sw = SoftwareRealSense(
+        serial="SW1",
+        width=W,
+        height=H,
+        intrinsics=(f, f, (W - 1) / 2, (H - 1) / 2),
+        depth_to_color_m=(tx, 0.0, 0.0),
+    )
+    depth = np.zeros((H, W), np.float32)
+    depth[:, 48:] = z  # left half: no measurement
+    with RealSenseCamera(RealSenseConfig(width=W, height=H), device=sw) as cam:
+        frame = _push_and_read(sw, cam, _frame(0)[0], depth)
+    row = frame.depth_m[H // 2]
+    first_valid = int(np.argmax(row > 0))
+    assert abs(first_valid - (48 + f * tx / z)) <= 1.0
+    assert np.median(row[row > 0]) == pytest.approx(z, abs=1e-3)
+
+
+def test_capture_and_receive_times():
+    sw = SoftwareRealSense(serial="SW1", width=W, height=H)
+    with RealSenseCamera(RealSenseConfig(width=W, height=H), device=sw) as cam:
+        # Stamped 200 ms before it is pushed: the frame must look at least that old.
+        stamp = time.time() * 1e3 - 200.0
+        frame = _push_and_read(sw, cam, *_frame(1), timestamp_ms=stamp)
+    assert frame.timestamp_domain == "system_time"
+    assert frame.timestamp_ms == pytest.approx(stamp)
+    assert frame.received_at >= frame.captured_at
+    assert frame.latency_s >= 0.2
+
+
+def test_background_reader_latest_and_read():
+    sw = SoftwareRealSense(serial="SW1", width=W, height=H)
+    cam = RealSenseCamera(RealSenseConfig(width=W, height=H), device=sw)
+    assert cam.latest() is None
+    with pytest.raises(RuntimeError, match="not connected"):
+        cam.read()
+    cam.connect()
+    try:
+        first = _push_and_read(sw, cam, *_frame(1))
+        # read() never hands the same frame twice: nothing new -> timeout.
+        with pytest.raises(TimeoutError):
+            cam.read(timeout_s=0.05)
+        assert cam.latest() is first
+        second = _push_and_read(sw, cam, *_frame(2))
+        assert second.frame_number > first.frame_number
+        assert cam.latest().frame_number == second.frame_number
+        assert cam.latest(max_age_s=0.0) is None  # older than a zero budget
+    finally:
+        cam.disconnect()
+    assert not cam.is_connected
+    cam.disconnect()  # twice is fine
+    with pytest.raises(RuntimeError, match="not connected"):
+        cam.read()
+
+
+def test_wrong_serial_is_refused():
+    sw = SoftwareRealSense(serial="SW1", width=W, height=H)
+    cam = RealSenseCamera(RealSenseConfig(serial="OTHER", width=W, height=H), device=sw)
+    with pytest.raises(ValueError, match="expected camera serial OTHER"):
+        cam.connect()
+    assert not cam.is_connected
+
+
+def test_two_cameras_by_serial():
+    a = SoftwareRealSense(serial="CAM-A", model="D435", width=W, height=H)
+    b = SoftwareRealSense(serial="CAM-B", model="D405", width=W, height=H)
+    cams = [RealSenseCamera(RealSenseConfig(width=W, height=H), device=d) for d in (a, b)]
+    with CameraGroup(cams) as group:
+        fa = _push_and_read(a, cams[0], *_frame(10, depth_m=0.6))
+        fb = _push_and_read(b, cams[1], *_frame(20, depth_m=0.9))
+        assert {c.serial for c in group.cameras} == {"CAM-A", "CAM-B"}
+    assert fa.serial == "CAM-A" and fb.serial == "CAM-B"
+    assert fa.rgb[0, 0, 0] == 10 and fb.rgb[0, 0, 0] == 20
+    assert np.median(fa.depth_m[fa.depth_m > 0]) == pytest.approx(0.6, abs=1e-3)
+    assert np.median(fb.depth_m[fb.depth_m > 0]) == pytest.approx(0.9, abs=1e-4)
+
+
+def test_recording_plays_back_like_the_camera(tmp_path):
+    path = tmp_path / "stream.db3"
+    frames = [_frame(i, depth_m=0.3 + 0.01 * i) for i in range(8)]
+    n = write_recording(
+        path,
+        frames,
+        width=W,
+        height=H,
+        intrinsics=(90.0, 90.0, 47.5, 35.5),
+        model="D405",
+        serial="REC-1",
+    )
+    assert n == 8 and path.stat().st_size > 0
+    cam = RealSenseCamera(RealSenseConfig(recording=str(path), real_time=False))
+    with cam:
+        assert cam.serial == "REC-1"
+        assert cam.depth_scale == pytest.approx(1e-4, rel=1e-5)
+        np.testing.assert_allclose(cam.intrinsics, [90.0, 90.0, 47.5, 35.5])
+        got = []
+        with pytest.raises(EndOfRecording):
+            for _ in range(20):
+                got.append(cam.read(timeout_s=5.0))
+    indices = [int(f.rgb[0, 0, 0]) for f in got]
+    # Every frame after the first (which the SDK's syncer hands over unpaired), in order.
+    assert indices == sorted(indices) and len(indices) >= 7 and indices[-1] == 7
+    for f in got:
+        i = int(f.rgb[0, 0, 0])
+        assert np.median(f.depth_m[f.depth_m > 0]) == pytest.approx(0.3 + 0.01 * i, abs=2e-4)
+        assert f.received_at >= f.captured_at
+
+
+def test_missing_recording_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no RealSense recording"):
+        RealSenseCamera(RealSenseConfig(recording=str(tmp_path / "nope.bag"))).connect()
