@@ -31,9 +31,11 @@ def add_parser(sub) -> None:
     srv.add_argument("--duration-s", type=float, default=2.0, help="seconds per measurement")
     srv.add_argument("--json", type=Path, default=None, help="write the figures here")
     srv.set_defaults(func=run_server)
+    from runtime.commands.bench_calibration import add_bench_parser as add_calibration
     from runtime.commands.bench_extract import add_bench_parser
 
     add_bench_parser(what)
+    add_calibration(what)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
