@@ -219,6 +219,11 @@ class RealSenseCamera:
     def is_connected(self) -> bool:
         return self._thread is not None
 
+    @property
+    def ended(self) -> bool:
+        """A recording played to its end (never true for a live camera)."""
+        return self._ended
+
     def connect(self) -> RealSenseCamera:
         """Open the device, read its intrinsics and depth unit, start the reader thread."""
         if self.is_connected:

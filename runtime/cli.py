@@ -19,6 +19,8 @@ COMMANDS = [
     "runtime.commands.train_expert",
     "runtime.commands.eval_policy",
     "runtime.commands.demo",
+    "runtime.commands.calibrate",
+    "runtime.commands.run_real",
     "runtime.commands.bench",
 ]
 
