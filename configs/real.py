@@ -132,7 +132,8 @@ class RealSetup:
         default_factory=lambda: ExpertSection(builtin="follow-gripper-trace")
     )
     queries: QuerySection = field(default_factory=QuerySection)
-    arm: ArmSection = field(default_factory=ArmSection)
+    # No arm section: a virtual arm (nothing moves); a robot needs its backend named.
+    arm: ArmSection = field(default_factory=lambda: ArmSection(backend="sim"))
     proprio: ProprioSection = field(default_factory=ProprioSection)
     action: ActionSection = field(default_factory=ActionSection)
     safety: SafetyConfig = field(default_factory=SafetyConfig)

@@ -309,3 +309,59 @@ def test_sim_eye_in_hand_calibration_within_5mm_and_half_a_degree(sim_scene):
 
     figures = simulate_calibration(sim_scene, "eye_in_hand", num_poses=15, seed=0)
     assert figures["trans_err_mm"] <= 5.0 and figures["rot_err_deg"] <= 0.5
+
+
+# --------------------------------------------------------------------------- guided session
+
+
+def test_guided_capture_session_with_a_hand_moved_arm(capsys):
+    """`mu0 calibrate`'s manual flow: the person moves the arm and presses Enter; an
+    unusable view, an undo and advice along the way; the solve recovers the camera."""
+    from calibration.session import CaptureSession
+    from envs.arm import SimArm
+    from runtime.commands.calibrate import _manual_capture
+
+    rng = np.random.default_rng(3)
+    T_base_cam = make_T(rotvec_to_matrix([2.3, 0.1, -0.2]), [0.9, -0.3, 0.6])
+    T_eef_board = make_T(rotvec_to_matrix([0.2, 0.1, -0.3]), [0.0, 0.05, 0.1])
+    arm = SimArm()
+    arm.connect()
+
+    class Camera:
+        def read(self):
+            T_cam_board = inv_T(T_base_cam) @ arm.read_state().T_base_eef @ T_eef_board
+            gray = _render_board(T_cam_board)
+            return type("Frame", (), {"rgb": np.repeat(gray[..., None], 3, axis=2)})
+
+    def next_pose(far=False):
+        T_cam_board = make_T(
+            rotvec_to_matrix(rng.normal(size=3) * 0.35),
+            [
+                rng.uniform(-0.08, 0.0),
+                rng.uniform(-0.08, 0.0),
+                3.0 if far else rng.uniform(0.45, 0.7),
+            ],
+        )
+        arm._T = T_base_cam @ T_cam_board @ inv_T(T_eef_board)
+
+    answers = iter(["far", "", "u"] + [""] * 20)
+
+    def prompt(_text):
+        answer = next(answers)
+        if answer == "far":
+            next_pose(far=True)  # too far away: the board is not found
+            return ""
+        if answer == "":
+            next_pose()
+        return answer
+
+    session = CaptureSession("eye_to_hand", SPEC, K, target_views=8)
+    _manual_capture(session, Camera(), arm, prompt)
+    out = capsys.readouterr().out
+    assert "rejected" in out and "dropped the last view" in out and "good views" in out
+    assert session.good == 8
+    result = session.solve()
+    trans_mm, rot_deg = pose_error(result.T_ref_cam, T_base_cam)
+    assert trans_mm < 1.0 and rot_deg < 0.1
+    calib = session.to_calibration(result, "CAM1", (640, 480))
+    assert calib.quality["views_used"] == 8 and calib.board["squares_x"] == 6

@@ -385,3 +385,47 @@ dry_run: {{start_eef_pose: [0.5, 0.0, 0.2, 3.14159265, 0.0, 0.0]}}
     assert len(ticks) == figures["ticks"] and any("new_chunk" in t for t in ticks)
     # The arm configured (a UR at 192.0.2.1) was never contacted: the dry run built a
     # virtual arm, or connecting would have failed.
+
+
+def test_client_from_a_setup_speaks_curve(tmp_path):
+    """The set-up's key files reach a CURVE server; a robot whose key is not allowed gets
+    no answer at all."""
+    import zmq.auth
+
+    from configs.real import setup_from_dict
+    from runtime.commands.run_real import build_client
+    from runtime.server import CurveConfig
+    from tests.runtime_helpers import running_server
+
+    keys, clients, strangers = tmp_path / "keys", tmp_path / "keys" / "clients", tmp_path / "x"
+    for d in (keys, clients, strangers):
+        d.mkdir(parents=True, exist_ok=True)
+    zmq.auth.create_certificates(keys, "server")
+    zmq.auth.create_certificates(clients, "robot1")
+    zmq.auth.create_certificates(strangers, "robot2")
+    curve = CurveConfig.from_files(keys / "server.key_secret", [clients])
+    with running_server(curve=curve) as server:
+
+        def setup(secret):
+            return setup_from_dict(
+                {
+                    "name": "t",
+                    "instruction": "i",
+                    "server": {
+                        "address": f"tcp://127.0.0.1:{server.port}",
+                        "server_public_key": str(keys / "server.key"),
+                        "client_secret_key": str(secret),
+                        "timeout_s": 0.5,
+                    },
+                }
+            )
+
+        with build_client(setup(clients / "robot1.key_secret")) as client:
+            assert client.hello()["protocol_version"] == 1
+        with build_client(setup(strangers / "robot2.key_secret")) as client:
+            with pytest.raises(TimeoutError):
+                client.hello()
+    with pytest.raises(ValueError, match="needs both"):
+        build_client(
+            setup_from_dict({"name": "t", "instruction": "i", "server": {"server_public_key": "k"}})
+        )

@@ -172,7 +172,12 @@ def run(args: argparse.Namespace) -> int:
             settings,
             log_path=args.log,
         )
-        mode = "DRY RUN (virtual arm, nothing commanded)" if args.dry_run else "LIVE"
+        if args.dry_run:
+            mode = "DRY RUN (virtual arm, nothing commanded)"
+        elif setup.arm.backend == "sim":
+            mode = "LIVE camera, virtual arm (arm.backend: sim)"
+        else:
+            mode = f"LIVE ({setup.arm.backend} at {setup.arm.host})"
         print(
             f"{mode}: {setup.name}, {setup.rate_hz:g} Hz, server {client.address} "
             f"({hello.get('model_id')}), camera {camera.serial} {camera.image_size}, "
