@@ -145,7 +145,15 @@ def run(args: argparse.Namespace) -> int:
             tol_px=setup.calibration.tolerance_px,
         )
         client = build_client(setup, args.server)
-        hello = client.hello()
+        try:
+            hello = client.hello()
+        except TimeoutError:
+            print(
+                f"no answer from the trace server at {client.address} within "
+                f"{setup.server.timeout_s:g} s: is it running and reachable, and does it allow "
+                "this robot's CURVE key?"
+            )
+            return 1
         size = hello.get("image_size")
         client.start_stream()
         arm = build_arm(setup, args.dry_run).connect()
