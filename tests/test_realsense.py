@@ -117,6 +117,22 @@ def test_depth_is_aligned_to_colour():
     assert np.median(row[row > 0]) == pytest.approx(z, abs=1e-3)
 
 
+def test_calibration_reads_intrinsics_from_the_device():
+    from calibration.intrinsics import intrinsics_of
+
+    sw = SoftwareRealSense(
+        serial="SW9", model="D405", width=W, height=H, intrinsics=(70, 71, 48, 36)
+    )
+    cam = RealSenseCamera(RealSenseConfig(width=W, height=H), device=sw)
+    with pytest.raises(RuntimeError, match="connect the camera first"):
+        intrinsics_of(cam)
+    with cam:
+        intr = intrinsics_of(cam)
+    assert (intr.serial, intr.width, intr.height) == ("SW9", W, H)
+    np.testing.assert_allclose(intr.K, [[70, 0, 48], [0, 71, 36], [0, 0, 1]])
+    assert intr.depth_scale == pytest.approx(1e-4, rel=1e-5) and intr.distortion_model == "none"
+
+
 def test_capture_and_receive_times():
     sw = SoftwareRealSense(serial="SW1", width=W, height=H)
     with RealSenseCamera(RealSenseConfig(width=W, height=H), device=sw) as cam:

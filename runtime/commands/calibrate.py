@@ -121,8 +121,7 @@ def _run_sim(args: argparse.Namespace, board: Any) -> int:
 
 
 def _run_real(args: argparse.Namespace, board: Any, prompt: Callable[[str], str]) -> int:
-    import numpy as np
-
+    from calibration.intrinsics import intrinsics_of
     from calibration.session import CaptureSession, poses_around
     from configs.real import load_real_setup
     from envs.realsense import RealSenseCamera, RealSenseConfig
@@ -138,12 +137,12 @@ def _run_real(args: argparse.Namespace, board: Any, prompt: Callable[[str], str]
     ).connect()
     arm = build_arm(setup, dry_run=False)
     try:
-        fx, fy, cx, cy = (float(x) for x in camera.intrinsics)
-        K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+        intr = intrinsics_of(camera)
+        K = intr.K
         print(
-            f"camera {camera.name} {camera.serial}: {camera.image_size[0]}x{camera.image_size[1]}, "
-            f"intrinsics from the device fx {fx:.2f} fy {fy:.2f} cx {cx:.2f} cy {cy:.2f}, "
-            f"depth unit {camera.depth_scale:g} m"
+            f"camera {intr.name} {intr.serial}: {intr.width}x{intr.height}, intrinsics from the "
+            f"device fx {intr.fx:.2f} fy {intr.fy:.2f} cx {intr.cx:.2f} cy {intr.cy:.2f}, "
+            f"depth unit {intr.depth_scale:g} m"
         )
         arm.connect()
         session = CaptureSession(args.kind, board, K, target_views=args.views)
