@@ -7,6 +7,8 @@
 #             the Door task and the IIWA robot, neither of which pretraining sees).
 # Usage: scripts/make_checkpoints.sh [data|train|eval|all]   (default: all)
 set -euo pipefail
+# One torch thread per process: on a busy 2-core machine more threads thrash (10-50x slower).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cd "$(dirname "$0")/.."
 MU0=${MU0:-.venv/bin/mu0}
 DATA=${DATA:-data}

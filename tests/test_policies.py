@@ -1,0 +1,199 @@
+"""Action experts, query points, and the control loop (with a trivial trace server)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from policies import ActionExpert, ExpertObservation, expert_config, load_expert, save_expert
+from policies.control import wilson_interval
+from policies.queries import QueryBuilder, cam_to_uvz, traces_to_base
+
+INSTR = ["pick up the cube", "stack the red cube on the green cube"]
+
+
+def _expert(robot: str = "Panda") -> ActionExpert:
+    torch.manual_seed(0)
+    return ActionExpert(expert_config(robot, INSTR)).eval()
+
+
+def _obs(n: int = 5, proprio_dim: int = 16, instruction: str = INSTR[0]) -> ExpertObservation:
+    rng = np.random.default_rng(0)
+    return ExpertObservation(
+        traces_base=rng.normal(size=(n, 32, 3)).astype(np.float32) * 0.1,
+        trace_valid=np.ones(n, bool),
+        proprio=rng.normal(size=proprio_dim).astype(np.float32),
+        instruction=instruction,
+    )
+
+
+def test_embodiments_have_their_proprio_sizes():
+    dims = {r: expert_config(r, INSTR).proprio_dim for r in ("Panda", "UR5e", "Kinova3")}
+    assert dims == {"Panda": 16, "UR5e": 19, "Kinova3": 20}
+    with pytest.raises(ValueError, match="no action expert for 'Atlas'"):
+        expert_config("Atlas", INSTR)
+
+
+def test_act_shape_seeded_and_bounded():
+    e = _expert()
+    a = e.act(_obs(), seed=3)
+    assert a.shape == (16, 7) and a.dtype == np.float32
+    assert np.abs(a).max() <= 1.0
+    np.testing.assert_array_equal(a, e.act(_obs(), seed=3))
+    assert not np.array_equal(a, e.act(_obs(), seed=4))
+
+
+def test_act_rejects_bad_input_with_clear_errors():
+    e = _expert()
+    with pytest.raises(ValueError, match="not trained on the instruction 'open the door'"):
+        e.act(_obs(instruction="open the door"))
+    with pytest.raises(ValueError, match=r"expects proprio\[16\], got \[19\]"):
+        e.act(_obs(proprio_dim=19))
+    bad = _obs()
+    bad.trace_valid = np.ones(4, bool)
+    with pytest.raises(ValueError, match="traces_base must be"):
+        e.act(bad)
+
+
+def test_save_load_round_trip(tmp_path):
+    e = _expert("UR5e")
+    save_expert(e, tmp_path / "ur5e", extra={"note": "test"})
+    f = load_expert(tmp_path / "ur5e")
+    assert f.embodiment == "UR5e" and f.chunk == 16 and f.execute == 8
+    np.testing.assert_array_equal(e.act(_obs(proprio_dim=19), 1), f.act(_obs(proprio_dim=19), 1))
+    with pytest.raises(FileNotFoundError, match="not an action-expert checkpoint"):
+        load_expert(tmp_path)
+
+
+@pytest.fixture
+def one_thread():
+    """Small-op training thrashes with several OpenMP threads on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_expert_learns_to_use_traces(one_thread):
+    """Actions that point where the gripper's trace goes: learnable with traces, not without."""
+    torch.manual_seed(0)
+    cfg = expert_config("Panda", INSTR[:1])
+    cfg.trace_dropout = 0.0
+    cfg.width, cfg.point_width, cfg.depth = 128, 64, 2
+    e = ActionExpert(cfg)
+    g = torch.Generator().manual_seed(0)
+    B = 128
+    goal = torch.randn(B, 3, generator=g) * 0.05
+    traces = torch.zeros(B, 4, 32, 3)
+    traces[:, 0] = torch.linspace(0, 1, 32)[None, :, None] * goal[:, None]  # gripper to goal
+    traces[:, 1:] = torch.randn(B, 3, 1, 3, generator=g) * 0.2  # still scene points
+    actions = torch.zeros(B, 16, 7)
+    actions[..., :3] = (goal / 0.05).clamp(-1, 1)[:, None]
+    batch = {
+        "traces": traces,
+        "trace_valid": torch.ones(B, 4, dtype=torch.bool),
+        "proprio": torch.zeros(B, 16),
+        "instruction_ids": torch.zeros(B, dtype=torch.long),
+        "actions": actions,
+        "action_mask": torch.ones(B, 16, dtype=torch.bool),
+    }
+    opt = torch.optim.AdamW(e.parameters(), lr=2e-3)
+    for _ in range(250):
+        loss = e.loss(batch, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    e.eval()
+    errs = {}
+    for available in (True, False):
+        ctx = e.encode_context(
+            traces[:32],
+            batch["trace_valid"][:32],
+            batch["proprio"][:32],
+            batch["instruction_ids"][:32],
+            torch.full((32,), available),
+        )
+        pred = e.sample(ctx, torch.Generator().manual_seed(1))
+        errs[available] = float((pred[..., :3] - actions[:32, :, :3]).abs().mean())
+    assert errs[True] < 0.25, errs
+    assert errs[False] > 2 * errs[True], errs
+
+
+def test_gripper_query_projects_to_its_pixel():
+    rng = np.random.default_rng(0)
+    H, W = 96, 128
+    intr = np.array([100.0, 100.0, (W - 1) / 2, (H - 1) / 2], np.float32)
+    T_base_cam = np.eye(4)
+    T_base_cam[:3, 3] = [0.5, 0.0, 1.0]
+    qb = QueryBuilder(num_scene_points=12)
+    eef = [np.array([0.5 + 0.01 * k, 0.02, 1.6]) for k in range(3)]
+    for p in eef:
+        qb.observe(p)
+    rgb = rng.integers(0, 255, size=(H, W, 3), dtype=np.uint8)
+    depth = np.full((H, W), 1.2, np.float32)
+    obs = qb.build(rgb, depth, intr, T_base_cam, "pick up the cube")
+    assert obs["hist_uvz"].shape == (13, 8, 3) and obs["hist_valid"].shape == (13, 8)
+    assert obs["hist_valid"][0].tolist() == [False] * 5 + [True] * 3  # three observed steps
+    assert obs["hist_valid"][1:, -1].all() and not obs["hist_valid"][1:, :-1].any()
+    # The newest gripper point: camera frame (0.02, 0.02, 0.6) → pixel (cx + 100·0.02/0.6, ...)
+    u = (W - 1) / 2 + 100 * 0.02 / 0.6
+    v = (H - 1) / 2 + 100 * 0.02 / 0.6
+    np.testing.assert_allclose(
+        obs["hist_uvz"][0, -1], [(2 * u + 1) / W - 1, (2 * v + 1) / H - 1, 0.6], atol=1e-5
+    )
+    np.testing.assert_allclose(obs["hist_uvz"][1:, -1, 2], 1.2)  # scene points read the depth
+    # And back: camera-frame traces become base-frame ones with T_base_cam.
+    back = traces_to_base(np.array([[[0.02, 0.02, 0.6]]], np.float32), T_base_cam)
+    np.testing.assert_allclose(back[0, 0], eef[-1], atol=1e-6)
+    np.testing.assert_allclose(
+        cam_to_uvz(np.array([0.0, 0.0, 2.0]), intr, W, H), [0.0, 0.0, 2.0], atol=1e-6
+    )
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(5, 10)
+    assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and abs(hi - 0.1611) < 1e-3
+    assert wilson_interval(50, 50)[1] == 1.0
+
+
+@pytest.mark.sim
+def test_control_loop_conditions_in_simulation(tmp_path):
+    """mu0 (through a real server with a trivial model), no_trace and oracle, 12 steps each."""
+    pytest.importorskip("robosuite")
+    from envs.robosuite_env import RobosuiteTraceEnv
+    from policies.control import GroundTruthTraces, LoopConfig, run_episode
+    from runtime.client import TraceClient
+    from runtime.model_api import EchoTraceModel
+    from tests.runtime_helpers import running_server
+
+    env = RobosuiteTraceEnv("Lift", "Panda", image_size=(64, 64))
+    expert = _expert()
+    oracle = GroundTruthTraces("Lift", "Panda", lookahead=12)
+    cfg = LoopConfig(trace_max_age_s=5.0, num_scene_points=8)
+    with running_server(EchoTraceModel(image_size=None)) as server:
+        client = TraceClient(f"tcp://127.0.0.1:{server.port}", max_age_s=5.0)
+        client.start_stream()
+        r = run_episode(env, expert, "mu0", 0, client=client, cfg=cfg, max_steps=12)
+        client.close()
+    assert r.steps == 12 and len(r.step_ms) == 12
+    assert r.trace_age_ms, "no trace ever reached the loop"
+    assert r.held_steps < 12
+    r = run_episode(env, expert, "no_trace", 0, cfg=cfg, max_steps=12, record_frames=True)
+    assert r.held_steps == 0 and len(r.frames) == 12 and r.frames[0].ndim == 3
+    # Oracle: the gripper's true future starts at the grip site and the demonstrator moves it.
+    obs, _ = env.reset(seed=0)
+    oracle.reset(0)
+    qb = QueryBuilder(8)
+    qb.observe(obs["proprio"][:3])
+    wire = qb.build(obs["rgb"], obs["depth_m"], obs["intrinsics"], obs["T_base_cam"], "x")
+    tr = oracle(env, wire, obs["T_base_cam"].astype(np.float64))
+    assert tr.shape == (9, 32, 3)
+    np.testing.assert_allclose(tr[0, 0], obs["proprio"][:3], atol=2e-3)
+    assert np.linalg.norm(tr[0, -1] - tr[0, 0]) > 0.05  # the reach toward the cube
+    oracle.close()
+    env.close()
+    with pytest.raises(ValueError, match="needs a trace client"):
+        run_episode(env, expert, "mu0", 0)
