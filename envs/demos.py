@@ -57,6 +57,11 @@ def _yaw_between(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.arctan2(b[1], b[0]) - np.arctan2(a[1], a[0]))
 
 
+def _axis_angle_matrix(axis: np.ndarray, angle: float) -> np.ndarray:
+    """Rotation by `angle` about the unit vector `axis` (right-handed)."""
+    return rs_transforms.quat2mat(rs_transforms.axisangle2quat(np.asarray(axis) * angle))
+
+
 def _rotation_angle(R: np.ndarray) -> float:
     return float(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0)))
 
@@ -73,6 +78,102 @@ def _unwrap_env(env: Any) -> RobosuiteTraceEnv:
             f"demonstrators read ground truth from a RobosuiteTraceEnv, got {type(inner)}"
         )
     return inner
+
+
+class ArmKinematics:
+    """Inverse kinematics and collision checks for the arm on a scratch copy of the state.
+
+    The live simulation is never touched. A demonstrator uses it to choose, among grasps
+    that would all do, one whose whole planned motion the arm can follow: reachable, inside
+    the joint limits, and without the hand or arm running into itself or the scene.
+    """
+
+    def __init__(self, env: RobosuiteTraceEnv) -> None:
+        model = env.sim.model._model
+        robot = env.robosuite_env.robots[0]
+        self.model, self.data = model, mujoco.MjData(model)
+        self.data.qpos[:] = env.sim.data.qpos
+        self.qpos_idx = np.asarray(env._joint_qpos_idx)
+        self.dof_idx = np.asarray(robot._ref_joint_vel_indexes)
+        self.site = env._eef_site_id
+        joints = [model.joint(name).id for name in robot.robot_joints]
+        limited = model.jnt_limited[joints].astype(bool)
+        self.low = np.where(limited, model.jnt_range[joints, 0], -np.inf)
+        self.high = np.where(limited, model.jnt_range[joints, 1], np.inf)
+        self.rest = np.asarray(robot.init_qpos, dtype=np.float64)
+        root = model.body_rootid[env._base_body_id]
+        self.robot_body = model.body_rootid == root
+        gripper_prefix = robot.gripper[env._arm].naming_prefix
+        self.gripper_body = np.array(
+            [(model.body(b).name or "").startswith(gripper_prefix) for b in range(model.nbody)]
+        )
+
+    def set_qpos(self, addr_values: dict[int, float]) -> None:
+        """Set other joints of the scratch state (a door's hinge, say) by qpos address."""
+        for addr, value in addr_values.items():
+            self.data.qpos[addr] = value
+
+    def solve(
+        self, pos: np.ndarray, R: np.ndarray, q_start: np.ndarray, iters: int = 80
+    ) -> tuple[np.ndarray, float, float]:
+        """Arm joints putting the grip site at (pos, R), found from q_start; and the
+        remaining (position m, rotation rad) errors. Damped least squares, with a pull
+        toward the rest posture in the null space (as the OSC controller's posture term)."""
+        m, d = self.model, self.data
+        q = q_start.copy()
+        jacp, jacr = np.zeros((3, m.nv)), np.zeros((3, m.nv))
+        pos_err = rot_err = np.inf
+        for _ in range(iters):
+            d.qpos[self.qpos_idx] = q
+            mujoco.mj_kinematics(m, d)
+            mujoco.mj_comPos(m, d)
+            R_now = d.site_xmat[self.site].reshape(3, 3)
+            e_pos = pos - d.site_xpos[self.site]
+            e_rot = rs_transforms.quat2axisangle(rs_transforms.mat2quat(R @ R_now.T))
+            pos_err, rot_err = float(np.linalg.norm(e_pos)), float(np.linalg.norm(e_rot))
+            if pos_err < 1e-3 and rot_err < 5e-3:
+                break
+            mujoco.mj_jacSite(m, d, jacp, jacr, self.site)
+            J = np.vstack([jacp, jacr])[:, self.dof_idx]
+            JJt = J @ J.T + 1e-4 * np.eye(6)
+            dq = J.T @ np.linalg.solve(JJt, np.concatenate([e_pos, e_rot]))
+            null = np.eye(len(q)) - J.T @ np.linalg.solve(JJt, J)
+            dq = dq + null @ (0.1 * (self.rest - q))
+            step = float(np.max(np.abs(dq)))
+            if step > 0.2:
+                dq *= 0.2 / step
+            q = np.clip(q + dq, self.low, self.high)
+        return q, pos_err, rot_err
+
+    def limit_margin(self, q: np.ndarray) -> float:
+        """Smallest distance (rad) of a limited joint from its limit."""
+        margin = np.minimum(q - self.low, self.high - q)
+        return float(np.min(margin[np.isfinite(margin)], initial=np.pi))
+
+    def collides(self, q: np.ndarray, allowed_bodies: np.ndarray | None = None) -> bool:
+        """Whether the robot at joints q touches itself or the scene (penetration > 2 mm).
+
+        Contacts inside the hand, and between the hand and `allowed_bodies` (bool[nbody],
+        what it is meant to hold), do not count.
+        """
+        m, d = self.model, self.data
+        d.qpos[self.qpos_idx] = q
+        mujoco.mj_fwdPosition(m, d)
+        for c in d.contact[: d.ncon]:
+            if c.dist > -0.002:
+                continue
+            b1, b2 = m.geom_bodyid[c.geom1], m.geom_bodyid[c.geom2]
+            if not (self.robot_body[b1] or self.robot_body[b2]):
+                continue
+            if self.gripper_body[b1] and self.gripper_body[b2]:
+                continue
+            if allowed_bodies is not None and (
+                (self.gripper_body[b1] and allowed_bodies[b2])
+                or (self.gripper_body[b2] and allowed_bodies[b1])
+            ):
+                continue
+            return True
+        return False
 
 
 class ScriptedDemonstrator:
@@ -125,12 +226,14 @@ class ScriptedDemonstrator:
     ) -> np.ndarray:
         """A pointing-down grip rotation whose fingers close along a horizontal axis.
 
-        Of the two yaws that do (half a turn apart), the one nearer the rest pose.
+        Of the two yaws that do (half a turn apart), the one nearer the hand's current
+        rotation: the other may be past the wrist's joint limit.
         """
         closing_world = R_WORLD_DOWN @ self.closing_axis_eef(env)
         yaw = _yaw_between(closing_world, axis_world)
-        yaw = float((yaw + np.pi / 2) % np.pi - np.pi / 2)
-        return _rot_z(yaw) @ R_WORLD_DOWN
+        R_now = env.T_world_eef()[:3, :3]
+        candidates = [_rot_z(yaw) @ R_WORLD_DOWN, _rot_z(yaw + np.pi) @ R_WORLD_DOWN]
+        return min(candidates, key=lambda R: _rotation_angle(R @ R_now.T))
 
     def gripper_settled(self, env: RobosuiteTraceEnv, min_steps: int = 8) -> bool:
         """True once the fingers have stopped moving (Robotiq hands close slowly)."""
@@ -182,12 +285,17 @@ class ScriptedDemonstrator:
 class PickAndPlace(ScriptedDemonstrator):
     """Grasp an object from above, carry it over a goal, lower it, let go, back off.
 
-    Subclasses say which object, how to grasp it and where it goes.
+    Subclasses say which object, how to grasp it and where it goes. A grasp that comes
+    away empty, or an object that slips out on the way, sends the hand back for another
+    grasp (up to `max_grasps` in all).
     """
 
     hover_m = 0.10  # approach height above the grasp point
     carry_height_m = 0.12  # clearance of the object's centre over the place point
-    release_when_placed = True
+    max_grasps = 3
+    # How far the hand may have moved from the object, relative to where it held it, before
+    # it counts as dropped (m).
+    slip_m = 0.04
 
     def object_pose(self, env: RobosuiteTraceEnv) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -203,17 +311,64 @@ class PickAndPlace(ScriptedDemonstrator):
     def grasp_rotation(self, env: RobosuiteTraceEnv) -> np.ndarray:
         return R_WORLD_DOWN
 
+    def travel_height(self, env: RobosuiteTraceEnv) -> float | None:
+        """Move sideways only above this height (world z, m); None: nothing is in the way."""
+        return None
+
+    def place_rotation(self, env: RobosuiteTraceEnv, R_grasp: np.ndarray) -> np.ndarray:
+        """The hand's rotation while carrying and placing; by default the grasp's."""
+        return R_grasp
+
+    def _eef_for_object_at(self, obj_pos: np.ndarray, R_eef: np.ndarray) -> np.ndarray:
+        """Grip site position that puts the held object's centre at `obj_pos`."""
+        return obj_pos - R_eef @ self.memory["obj_in_eef"]
+
+    def _holding(self, env: RobosuiteTraceEnv, obj_pos: np.ndarray) -> bool:
+        """The object still sits in the hand where it was grasped."""
+        T = env.T_world_eef()
+        expected = T[:3, 3] + T[:3, :3] @ self.memory["obj_in_eef"]
+        return float(np.linalg.norm(obj_pos - expected)) < self.slip_m
+
+    def _regrasp(self) -> None:
+        """Open, back off upward and try again from the hover pose, while tries are left."""
+        self.memory["grasps"] = self.memory.get("grasps", 1) + 1
+        for key in ("lift_target", "R_place", "R_rise"):
+            self.memory.pop(key, None)
+        self._goto("back_off" if self.memory["grasps"] <= self.max_grasps else "give_up")
+
     def _act(self, env: RobosuiteTraceEnv) -> np.ndarray:
         obj_pos, _ = self.object_pose(env)
-        eef_pos = env.T_world_eef()[:3, 3]
+        T_world_eef = env.T_world_eef()
+        eef_pos = T_world_eef[:3, 3]
         if self.phase == "start":
             self.memory["R_grasp"] = self.grasp_rotation(env)
             self._goto("hover")
         R = self.memory["R_grasp"]
         grasp_pos = obj_pos + self.grasp_offset_m(env)
 
+        if self.phase == "give_up":
+            action, _ = self.servo(env, self.memory.setdefault("rest", eef_pos.copy()), R, OPEN)
+            return action
+        if self.phase == "back_off":
+            target = self.memory.setdefault("back_off_target", eef_pos + [0, 0, 0.06])
+            action, err = self.servo(env, target, R, OPEN)
+            if (err < 0.01 and self.gripper_settled(env)) or self.phase_steps > 40:
+                self.memory.pop("back_off_target")
+                self.memory["R_grasp"] = self.grasp_rotation(env)
+                self._goto("hover")
+            return action
         if self.phase == "hover":
-            action, err = self.servo(env, grasp_pos + [0, 0, self.hover_m], R, OPEN)
+            target, R_hover, gripper = grasp_pos + [0, 0, self.hover_m], R, OPEN
+            travel_z = self.travel_height(env)
+            if travel_z is not None:
+                # Rise clear of walls, and of the object (it may be right beside the hand),
+                # before turning, opening the fingers or moving sideways.
+                far = np.linalg.norm(target[:2] - eef_pos[:2]) > 0.02
+                if far and eef_pos[2] < travel_z:
+                    target = np.array([*eef_pos[:2], max(target[2], travel_z + 0.02)])
+                    R_hover = self.memory.setdefault("R_rise", T_world_eef[:3, :3].copy())
+                    gripper = 0.0  # hold the fingers where they are
+            action, err = self.servo(env, target, R_hover, gripper)
             # Turn the hand fully before going down, or the descent drifts sideways.
             aligned = err < 0.01 and self.last_rot_err_rad < 0.05
             if aligned or self.phase_steps > 80:
@@ -228,41 +383,52 @@ class PickAndPlace(ScriptedDemonstrator):
             action, _ = self.servo(env, grasp_pos, R, CLOSE)
             if self.gripper_settled(env):
                 # Carry the object by where it actually sits in the hand.
-                self.memory["eef_minus_obj"] = eef_pos - obj_pos
+                self.memory["obj_in_eef"] = T_world_eef[:3, :3].T @ (obj_pos - eef_pos)
+                self.memory["eef_z_grasped"] = float(eef_pos[2])
                 self._goto("lift")
             return action
 
-        offset = self.memory["eef_minus_obj"]
         place = self.place_point(env)
         if self.phase == "lift":
             lift_z = (place[2] if place is not None else obj_pos[2]) + self.carry_height_m
-            target = self.memory.setdefault("lift_target", np.array([*grasp_pos[:2], lift_z]))
+            target = self.memory.setdefault("lift_target", np.array([*eef_pos[:2], lift_z]))
             action, err = self.servo(env, target, R, CLOSE)
+            # An empty grasp shows once the hand has risen and the object has not.
+            risen = eef_pos[2] - self.memory["eef_z_grasped"]
+            if risen > 0.05 and not self._holding(env, obj_pos):
+                self._regrasp()
+                return action
             if place is None:
                 return action
             if err < 0.02 or self.phase_steps > 60:
                 self._goto("carry")
             return action
         assert place is not None
+        if self.phase in ("carry", "lower") and not self._holding(env, obj_pos):
+            self._regrasp()
+            return self.servo(env, eef_pos, R, OPEN)[0]
+        R_place = self.memory.setdefault("R_place", self.place_rotation(env, R))
         if self.phase == "carry":
-            target = np.array([*place[:2], place[2] + self.carry_height_m]) + offset
-            action, err = self.servo(env, target, R, CLOSE, max_step_m=0.04)
+            above = np.array([*place[:2], place[2] + self.carry_height_m])
+            target = self._eef_for_object_at(above, R_place)
+            action, err = self.servo(env, target, R_place, CLOSE, max_step_m=0.04)
             obj_err_xy = np.linalg.norm(obj_pos[:2] - place[:2])
             if (err < 0.015 and obj_err_xy < 0.015) or self.phase_steps > 120:
                 self._goto("lower")
             return action
         if self.phase == "lower":
-            action, err = self.servo(env, place + offset, R, CLOSE, max_step_m=0.01)
+            target = self._eef_for_object_at(place, R_place)
+            action, err = self.servo(env, target, R_place, CLOSE, max_step_m=0.01)
             if err < 0.006 or self.phase_steps > 60:
                 self._goto("release")
             return action
         if self.phase == "release":
-            action, _ = self.servo(env, eef_pos, R, OPEN)
+            action, _ = self.servo(env, eef_pos, R_place, OPEN)
             if self.gripper_settled(env):
                 self.memory["retreat"] = eef_pos + [0, 0, 0.12]
                 self._goto("retreat")
             return action
-        action, _ = self.servo(env, self.memory["retreat"], R, OPEN)
+        action, _ = self.servo(env, self.memory["retreat"], R_place, OPEN)
         return action
 
 
@@ -320,7 +486,13 @@ class StackDemonstrator(LiftDemonstrator):
 
 class PickPlaceCanDemonstrator(PickAndPlace):
     task = "PickPlaceCan"
-    carry_height_m = 0.15  # clears the bins' walls with the can hanging below the hand
+    carry_height_m = 0.09  # over the release height: the can's bottom clears the walls by ~5 cm
+    wall_height_m = 0.10  # the bins' walls and dividers rise this far above the bin's origin
+    # Tilting the hand outward (fingertips away from the base) moves the wrist back toward
+    # the base for the same grip position. Kinova3 needs it to reach its drop point: with
+    # the hand pointing straight down its elbow is straight ~0.76 m out from its base,
+    # short of the ~0.80 m the goal compartment needs.
+    reach_tilt_rad: dict[str, float] = {"Kinova3": 0.45}
 
     def _can(self, env):
         rs_env = env.robosuite_env
@@ -336,6 +508,20 @@ class PickPlaceCanDemonstrator(PickAndPlace):
         # Grip a little above the can's centre so the fingers clear the bin floor.
         return np.array([0.0, 0.0, 0.01])
 
+    def travel_height(self, env):
+        return float(env.robosuite_env.bin1_pos[2]) + self.wall_height_m + 0.02
+
+    def grasp_rotation(self, env):
+        # A can allows any yaw: close the fingers along the bin's axis with more room on
+        # both sides, so the open fingers (up to ~7 cm either side) miss the walls.
+        rs_env = env.robosuite_env
+        can = self.object_pose(env)[0]
+        low = np.asarray(rs_env.bin1_pos[:2]) - np.asarray(rs_env.bin_size[:2]) / 2
+        high = np.asarray(rs_env.bin1_pos[:2]) + np.asarray(rs_env.bin_size[:2]) / 2
+        room = np.minimum(can[:2] - low, high - can[:2])
+        axis = np.array([1.0, 0.0, 0.0]) if room[0] >= room[1] else np.array([0.0, 1.0, 0.0])
+        return self.down_rotation_closing_along(env, axis)
+
     def place_point(self, env):
         index, _ = self._can(env)
         rs_env = env.robosuite_env
@@ -344,10 +530,21 @@ class PickPlaceCanDemonstrator(PickAndPlace):
         # centred on `centre`) and less than 10 cm above the bin floor. Aim for the
         # point of the compartment nearest the robot, a can's radius and a margin in
         # from its walls: the far compartments are at the edge of some arms' reach.
-        half_xy = np.asarray(rs_env.bin_size[:2]) / 4.0 - 0.07
+        half_xy = np.asarray(rs_env.bin_size[:2]) / 4.0 - 0.06
         base_xy = env.T_world_base()[:2, 3]
         place_xy = np.clip(base_xy, centre[:2] - half_xy, centre[:2] + half_xy)
-        return np.array([*place_xy, centre[2] + 0.07])
+        # Let go with the can's bottom just inside the compartment and the fingertips above
+        # the dividers' tops, so opening fingers cannot catch on them; the can drops ~5 cm.
+        return np.array([*place_xy, float(rs_env.bin2_pos[2]) + self.wall_height_m + 0.03])
+
+    def place_rotation(self, env, R_grasp):
+        tilt = self.reach_tilt_rad.get(env.robot_name, 0.0)
+        if tilt == 0.0:
+            return R_grasp
+        outward = self.place_point(env)[:2] - env.T_world_base()[:2, 3]
+        outward = np.array([*outward / np.linalg.norm(outward), 0.0])
+        axis = np.cross(outward, [0.0, 0.0, 1.0])  # turning about it swings the tips outward
+        return _axis_angle_matrix(axis, tilt) @ R_grasp
 
 
 class DoorDemonstrator(ScriptedDemonstrator):
@@ -408,29 +605,89 @@ class DoorDemonstrator(ScriptedDemonstrator):
             normal = -normal
         return normal
 
-    def _grasp_rotation(self, env: RobosuiteTraceEnv) -> np.ndarray:
-        # Reach the lever from the front, hand level, fingers closing across the bar's
-        # height: a wide hand from above would hit the door behind the lever.
+    def _grasp_candidates(self, env: RobosuiteTraceEnv) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(R_grasp, approach_world) pairs that all hold the lever: the hand reaching it from
+        the front, level or a little from above or either side, fingers closing across the
+        bar's height (a wide hand from above would hit the door behind the lever)."""
         approach_eef = np.array([0.0, 0.0, 1.0])  # the grip site's z points out of the hand
         closing_eef = self.closing_axis_eef(env)
         source = np.stack([closing_eef, approach_eef, np.cross(closing_eef, approach_eef)], 1)
-        approach_world = -self._door_normal(env)
+        into_door = -self.memory["normal"]
         candidates = []
-        for up in (np.array([0.0, 0.0, 1.0]), np.array([0.0, 0.0, -1.0])):
-            target = np.stack([up, approach_world, np.cross(up, approach_world)], 1)
-            candidates.append(target @ source.T)
-        # Of the two (a half turn about the approach apart), the one farther from pointing
-        # down: measured to keep the UR5e's fingers off its own forearm more often.
-        return max(candidates, key=lambda R: _rotation_angle(R @ R_WORLD_DOWN.T))
+        for yaw in (0.0, -0.3, 0.3):
+            for pitch in (0.0, 0.3):
+                approach = np.cos(pitch) * (_rot_z(yaw) @ into_door)
+                approach[2] -= np.sin(pitch)
+                approach /= np.linalg.norm(approach)
+                for up_sign in (1.0, -1.0):
+                    up = up_sign * (np.array([0.0, 0.0, 1.0]) - approach * approach[2])
+                    up /= np.linalg.norm(up)
+                    target = np.stack([up, approach, np.cross(up, approach)], 1)
+                    candidates.append((target @ source.T, approach))
+        return candidates
+
+    def _plan_score(
+        self, env: RobosuiteTraceEnv, ik: ArmKinematics, R: np.ndarray, approach: np.ndarray
+    ) -> tuple[float, ...]:
+        """How well the arm can follow one grasp through the whole task (lower is better).
+
+        Inverse kinematics along the plan, each pose from the last as the controller would
+        go: in front of the lever, at it, the lever turned, the door swung open."""
+        handle = self.memory["handle_rest"]
+        latch_addr, hinge_addr = self.memory["latch_qpos"], self.memory["hinge_qpos"]
+        sign = self.memory["latch_sign"]
+        T_grasp = np.eye(4)
+        T_grasp[:3, :3], T_grasp[:3, 3] = R, handle
+        T_latch_eef = np.linalg.solve(self._T_world_latch_at(env, 0.0, 0.0), T_grasp)
+        closed = {latch_addr: 0.0, hinge_addr: 0.0}
+        waypoints = [(handle - 0.10 * approach, R, closed), (handle, R, closed)]
+        for latch in (0.5, 1.0, self.latch_goal_rad):
+            T = self._T_world_latch_at(env, 0.0, latch) @ T_latch_eef
+            waypoints.append((T[:3, 3], T[:3, :3], {latch_addr: latch * sign, hinge_addr: 0.0}))
+        for hinge in (0.15, 0.3, self.hinge_goal_rad):
+            T = self._T_world_latch_at(env, hinge, self.latch_goal_rad) @ T_latch_eef
+            turned = {latch_addr: self.latch_goal_rad * sign, hinge_addr: hinge}
+            waypoints.append((T[:3, 3], T[:3, :3], turned))
+        holdable = np.zeros(ik.model.nbody, bool)
+        holdable[self.memory["latch_body"]] = True
+        q = env.sim.data.qpos[ik.qpos_idx].copy()
+        pos_err = rot_err = 0.0
+        margin, collisions = np.inf, 0
+        for pos, R_waypoint, joints in waypoints:
+            ik.set_qpos(joints)
+            q, p_err, r_err = ik.solve(pos, R_waypoint, q)
+            pos_err, rot_err = max(pos_err, p_err), max(rot_err, r_err)
+            margin = min(margin, ik.limit_margin(q))
+            collisions += ik.collides(q, holdable)
+        # A joint at its limit stalls the controller even where the others could make up
+        # for it, so a plan needs some room at every joint.
+        feasible = pos_err < 0.005 and rot_err < 0.05 and collisions == 0 and margin > 0.1
+        return (float(not feasible), collisions, -margin, pos_err + 0.1 * rot_err)
+
+    def _choose_grasp(self, env: RobosuiteTraceEnv) -> None:
+        ik = ArmKinematics(env)
+        candidates = self._grasp_candidates(env)
+        scores = [self._plan_score(env, ik, R, approach) for R, approach in candidates]
+        best = min(range(len(candidates)), key=scores.__getitem__)
+        self.memory["R_grasp"], self.memory["approach"] = candidates[best]
+        self.memory["plan_score"] = scores[best]
 
     def _act(self, env: RobosuiteTraceEnv) -> np.ndarray:
         if self.phase == "start":
             self._setup(env)
-            self.memory["R_grasp"] = self._grasp_rotation(env)
             # Aim at where the lever rests; chasing it would follow it down if touched.
             self.memory["handle_rest"] = env.ground_truth_points()["handle"]
             self.memory["normal"] = self._door_normal(env)
-            self._goto("hover")
+            self.memory["hold"] = env.T_world_eef()
+            self._goto("open")
+        if self.phase == "open":
+            # Open the hand where it is first: the grasp is planned with the fingers open.
+            hold = self.memory["hold"]
+            action, _ = self.servo(env, hold[:3, 3], hold[:3, :3], OPEN)
+            if self.gripper_settled(env, min_steps=4) or self.phase_steps > 12:
+                self._choose_grasp(env)
+                self._goto("hover")
+            return action
         R = self.memory["R_grasp"]
         handle = self.memory["handle_rest"]
         qpos = env.sim.data.qpos
@@ -439,7 +696,7 @@ class DoorDemonstrator(ScriptedDemonstrator):
 
         if self.phase == "hover":
             # In front of the lever first, turning the hand on the way.
-            action, err = self.servo(env, handle + 0.10 * self.memory["normal"], R, OPEN)
+            action, err = self.servo(env, handle - 0.10 * self.memory["approach"], R, OPEN)
             if err < 0.01 or self.phase_steps > 100:
                 self._goto("descend")
             return action
