@@ -262,15 +262,17 @@ class RunSummary:
     expert_ms: list[float] = field(default_factory=list)
     tick_ms: list[float] = field(default_factory=list)
     hold_reasons: dict[str, int] = field(default_factory=dict)
-    eef_path: list[list[float]] = field(default_factory=list)  # commanded positions
+    eef_path: list[list[float]] = field(default_factory=list)  # [t, x, y, z] sent targets
     safety: dict[str, Any] = field(default_factory=dict)
 
     def figures(self) -> dict[str, Any]:
         def pct(xs: list[float], q: float) -> float | None:
             return round(float(np.percentile(xs, q)), 2) if xs else None
 
-        path = np.asarray(self.eef_path) if self.eef_path else np.zeros((0, 3))
+        tp = np.asarray(self.eef_path) if self.eef_path else np.zeros((0, 4))
+        t, path = tp[:, 0], tp[:, 1:]
         steps = np.linalg.norm(np.diff(path, axis=0), axis=1) if len(path) > 1 else np.zeros(0)
+        speeds = steps / np.maximum(np.diff(t), 1e-9) if len(path) > 1 else np.zeros(0)
         out = {
             k: v
             for k, v in asdict(self).items()
@@ -288,7 +290,7 @@ class RunSummary:
             out[f"{name}_p90"] = pct(xs, 90)
         out["hold_reasons"] = dict(self.hold_reasons)
         out["commanded_path_m"] = round(float(steps.sum()), 4)
-        out["commanded_max_step_m"] = round(float(steps.max()), 5) if steps.size else 0.0
+        out["commanded_max_speed_m_s"] = round(float(speeds.max()), 4) if speeds.size else 0.0
         if len(path):
             out["commanded_start_m"] = np.round(path[0], 4).tolist()
             out["commanded_end_m"] = np.round(path[-1], 4).tolist()
@@ -373,7 +375,7 @@ class RealLoop:
             rec["target"] = np.round(item.T_base_eef[:3, 3], 5).tolist()
             if report.sent:
                 self.summary.commands_sent += 1
-                self.summary.eef_path.append(report.T_sent[:3, 3].tolist())
+                self.summary.eef_path.append([now, *report.T_sent[:3, 3].tolist()])
                 rec["sent"] = np.round(report.T_sent[:3, 3], 5).tolist()
                 rec["limited"] = bool(report.limited_speed or report.limited_accel)
                 rec["clipped"] = bool(report.clipped_workspace)

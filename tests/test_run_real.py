@@ -319,6 +319,9 @@ def test_safety_limits_apply_to_what_the_loop_sends():
     steps = np.abs(np.diff([0.5] + xs))
     assert steps.max() <= 0.05 * 0.1 + 1e-9
     assert summary.commands_sent > 0
+    figures = summary.figures()
+    assert figures["commanded_max_speed_m_s"] <= 0.05 + 1e-9
+    assert figures["commanded_end_m"][0] == pytest.approx(0.52)
 
 
 # --------------------------------------------------------------------------- a whole dry run

@@ -220,5 +220,6 @@ def _print(f: dict) -> None:
     print(
         f"trace age p50 {f['trace_age_ms_p50']} ms (p90 {f['trace_age_ms_p90']}), round trip "
         f"p50 {f['trace_rtt_ms_p50']} ms, expert p50 {f['expert_ms_p50']} ms, tick p50 "
-        f"{f['tick_ms_p50']} ms; commanded path {f['commanded_path_m']} m"
+        f"{f['tick_ms_p50']} ms; commanded path {f['commanded_path_m']} m at up to "
+        f"{f['commanded_max_speed_m_s']} m/s"
     )
