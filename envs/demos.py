@@ -17,6 +17,7 @@ images are rendered: the physics is the same and it is ~7x faster).
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -66,11 +67,6 @@ def _rotation_angle(R: np.ndarray) -> float:
     return float(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0)))
 
 
-def _wrap_quarter_turn(angle: float) -> float:
-    """An angle modulo π/2, in [-π/4, π/4): a cube looks the same every quarter turn."""
-    return float((angle + np.pi / 4) % (np.pi / 2) - np.pi / 4)
-
-
 def _unwrap_env(env: Any) -> RobosuiteTraceEnv:
     inner = getattr(env, "unwrapped", env)
     if not isinstance(inner, RobosuiteTraceEnv):
@@ -81,16 +77,20 @@ def _unwrap_env(env: Any) -> RobosuiteTraceEnv:
 
 
 class ArmKinematics:
-    """Inverse kinematics and collision checks for the arm on a scratch copy of the state.
+    """Inverse kinematics and collision checks for the arm on a scratch copy of the model.
 
     The live simulation is never touched. A demonstrator uses it to choose, among grasps
     that would all do, one whose whole planned motion the arm can follow: reachable, inside
     the joint limits, and without the hand or arm running into itself or the scene.
     """
 
+    # The open hand should pass at least this far from anything it is not meant to touch:
+    # the arm follows its targets to within a few millimetres, not exactly.
+    hand_clearance_m = 0.008
+
     def __init__(self, env: RobosuiteTraceEnv) -> None:
-        model = env.sim.model._model
         robot = env.robosuite_env.robots[0]
+        model = copy.deepcopy(env.sim.model._model)
         self.model, self.data = model, mujoco.MjData(model)
         self.data.qpos[:] = env.sim.data.qpos
         self.qpos_idx = np.asarray(env._joint_qpos_idx)
@@ -106,6 +106,11 @@ class ArmKinematics:
         gripper_prefix = robot.gripper[env._arm].naming_prefix
         self.gripper_body = np.array(
             [(model.body(b).name or "").startswith(gripper_prefix) for b in range(model.nbody)]
+        )
+        # Contacts are reported from this far apart for the hand's geoms (scratch model only).
+        hand_geoms = self.gripper_body[model.geom_bodyid]
+        model.geom_margin[hand_geoms] = np.maximum(
+            model.geom_margin[hand_geoms], self.hand_clearance_m
         )
 
     def set_qpos(self, addr_values: dict[int, float]) -> None:
@@ -150,30 +155,30 @@ class ArmKinematics:
         margin = np.minimum(q - self.low, self.high - q)
         return float(np.min(margin[np.isfinite(margin)], initial=np.pi))
 
-    def collides(self, q: np.ndarray, allowed_bodies: np.ndarray | None = None) -> bool:
-        """Whether the robot at joints q touches itself or the scene (penetration > 2 mm).
+    def slack(self, q: np.ndarray, allowed_bodies: np.ndarray | None = None) -> float:
+        """How much room the robot at joints q has (m); negative: it collides.
 
-        Contacts inside the hand, and between the hand and `allowed_bodies` (bool[nbody],
-        what it is meant to hold), do not count.
+        The hand should stay `hand_clearance_m` away from the scene, the arm may touch it
+        by 2 mm at most. Contacts inside the hand, and between the hand and
+        `allowed_bodies` (bool[nbody], what it is meant to hold), do not count.
         """
         m, d = self.model, self.data
         d.qpos[self.qpos_idx] = q
         mujoco.mj_fwdPosition(m, d)
+        slack = np.inf
         for c in d.contact[: d.ncon]:
-            if c.dist > -0.002:
-                continue
             b1, b2 = m.geom_bodyid[c.geom1], m.geom_bodyid[c.geom2]
             if not (self.robot_body[b1] or self.robot_body[b2]):
                 continue
-            if self.gripper_body[b1] and self.gripper_body[b2]:
+            hand1, hand2 = self.gripper_body[b1], self.gripper_body[b2]
+            if hand1 and hand2:
                 continue
             if allowed_bodies is not None and (
-                (self.gripper_body[b1] and allowed_bodies[b2])
-                or (self.gripper_body[b2] and allowed_bodies[b1])
+                (hand1 and allowed_bodies[b2]) or (hand2 and allowed_bodies[b1])
             ):
                 continue
-            return True
-        return False
+            slack = min(slack, c.dist - self.hand_clearance_m if hand1 or hand2 else c.dist + 0.002)
+        return float(slack)
 
 
 class ScriptedDemonstrator:
@@ -220,20 +225,6 @@ class ScriptedDemonstrator:
             axis = env.T_world_eef()[:3, :3].T @ (left - right)
             self.memory["closing_axis_eef"] = axis / np.linalg.norm(axis)
         return self.memory["closing_axis_eef"]
-
-    def down_rotation_closing_along(
-        self, env: RobosuiteTraceEnv, axis_world: np.ndarray
-    ) -> np.ndarray:
-        """A pointing-down grip rotation whose fingers close along a horizontal axis.
-
-        Of the two yaws that do (half a turn apart), the one nearer the hand's current
-        rotation: the other may be past the wrist's joint limit.
-        """
-        closing_world = R_WORLD_DOWN @ self.closing_axis_eef(env)
-        yaw = _yaw_between(closing_world, axis_world)
-        R_now = env.T_world_eef()[:3, :3]
-        candidates = [_rot_z(yaw) @ R_WORLD_DOWN, _rot_z(yaw + np.pi) @ R_WORLD_DOWN]
-        return min(candidates, key=lambda R: _rotation_angle(R @ R_now.T))
 
     def gripper_settled(self, env: RobosuiteTraceEnv, min_steps: int = 8) -> bool:
         """True once the fingers have stopped moving (Robotiq hands close slowly)."""
@@ -285,20 +276,25 @@ class ScriptedDemonstrator:
 class PickAndPlace(ScriptedDemonstrator):
     """Grasp an object from above, carry it over a goal, lower it, let go, back off.
 
-    Subclasses say which object, how to grasp it and where it goes. A grasp that comes
-    away empty, or an object that slips out on the way, sends the hand back for another
-    grasp (up to `max_grasps` in all).
+    Subclasses say which object, which grasps hold it and where it goes. Of the grasps,
+    the demonstrator takes one the arm can follow through the whole task (inverse
+    kinematics on a scratch copy: reachable, clear of the joint limits, the open fingers
+    clear of everything but the object). A grasp that comes away empty, or an object that
+    slips out on the way, sends the hand back for another grasp (`max_grasps` in all).
     """
 
     hover_m = 0.10  # approach height above the grasp point
     carry_height_m = 0.12  # clearance of the object's centre over the place point
     max_grasps = 3
-    # How far the hand may have moved from the object, relative to where it held it, before
-    # it counts as dropped (m).
+    # How far the object may be from where the hand held it before it counts as dropped (m).
     slip_m = 0.04
 
-    def object_pose(self, env: RobosuiteTraceEnv) -> tuple[np.ndarray, np.ndarray]:
+    def object_body(self, env: RobosuiteTraceEnv) -> int:
         raise NotImplementedError
+
+    def object_pose(self, env: RobosuiteTraceEnv) -> tuple[np.ndarray, np.ndarray]:
+        body, data = self.object_body(env), env.sim.data
+        return data.body_xpos[body].copy(), data.body_xmat[body].reshape(3, 3).copy()
 
     def grasp_offset_m(self, env: RobosuiteTraceEnv) -> np.ndarray:
         """Grip site position relative to the object centre at the grasp (world axes)."""
@@ -308,8 +304,9 @@ class PickAndPlace(ScriptedDemonstrator):
         """Where the object's centre goes; None to just lift it."""
         return None
 
-    def grasp_rotation(self, env: RobosuiteTraceEnv) -> np.ndarray:
-        return R_WORLD_DOWN
+    def grasp_candidates(self, env: RobosuiteTraceEnv) -> list[np.ndarray]:
+        """Grip rotations that would all hold the object."""
+        return [R_WORLD_DOWN]
 
     def travel_height(self, env: RobosuiteTraceEnv) -> float | None:
         """Move sideways only above this height (world z, m); None: nothing is in the way."""
@@ -318,6 +315,50 @@ class PickAndPlace(ScriptedDemonstrator):
     def place_rotation(self, env: RobosuiteTraceEnv, R_grasp: np.ndarray) -> np.ndarray:
         """The hand's rotation while carrying and placing; by default the grasp's."""
         return R_grasp
+
+    # -- choosing a grasp ------------------------------------------------------------------
+
+    def _plan_score(
+        self, env: RobosuiteTraceEnv, ik: ArmKinematics, R: np.ndarray
+    ) -> tuple[float, ...]:
+        """How well the arm can follow one grasp through the task (lower is better)."""
+        obj_pos, _ = self.object_pose(env)
+        offset = self.grasp_offset_m(env)
+        grasp = obj_pos + offset
+        place = self.place_point(env)
+        lift_z = (place[2] if place is not None else obj_pos[2]) + self.carry_height_m
+        # (position, rotation, whether the open hand must be clear of the scene there)
+        waypoints = [(grasp + [0, 0, self.hover_m], R, True), (grasp, R, True)]
+        waypoints.append((np.array([*grasp[:2], lift_z]), R, False))
+        if place is not None:
+            R_place = self.place_rotation(env, R)
+            obj_in_eef = R.T @ -offset
+            above = np.array([*place[:2], place[2] + self.carry_height_m])
+            waypoints.append((above - R_place @ obj_in_eef, R_place, False))
+            waypoints.append((place - R_place @ obj_in_eef, R_place, False))
+        holdable = np.zeros(ik.model.nbody, bool)
+        holdable[self.object_body(env)] = True
+        q = env.sim.data.qpos[ik.qpos_idx].copy()
+        pos_err = rot_err = 0.0
+        margin = slack = np.inf
+        for pos, R_waypoint, check in waypoints:
+            q, p_err, r_err = ik.solve(pos, R_waypoint, q)
+            pos_err, rot_err = max(pos_err, p_err), max(rot_err, r_err)
+            margin = min(margin, ik.limit_margin(q))
+            if check:
+                slack = min(slack, ik.slack(q, holdable))
+        feasible = pos_err < 0.005 and rot_err < 0.05 and slack >= 0 and margin > 0.1
+        turn = _rotation_angle(R @ env.T_world_eef()[:3, :3].T)
+        # Among plans with room at every joint, the least turning of the hand.
+        return (float(not feasible), -min(slack, 0.0), max(0.3 - margin, 0.0), turn, pos_err)
+
+    def _choose_grasp(self, env: RobosuiteTraceEnv) -> None:
+        ik = ArmKinematics(env)
+        candidates = self.grasp_candidates(env)
+        scores = [self._plan_score(env, ik, R) for R in candidates]
+        self.memory["R_grasp"] = candidates[min(range(len(candidates)), key=scores.__getitem__)]
+
+    # -- holding ---------------------------------------------------------------------------
 
     def _eef_for_object_at(self, obj_pos: np.ndarray, R_eef: np.ndarray) -> np.ndarray:
         """Grip site position that puts the held object's centre at `obj_pos`."""
@@ -332,7 +373,7 @@ class PickAndPlace(ScriptedDemonstrator):
     def _regrasp(self) -> None:
         """Open, back off upward and try again from the hover pose, while tries are left."""
         self.memory["grasps"] = self.memory.get("grasps", 1) + 1
-        for key in ("lift_target", "R_place", "R_rise"):
+        for key in ("lift_target", "R_place", "R_rise", "eef_prev", "lower_from_z"):
             self.memory.pop(key, None)
         self._goto("back_off" if self.memory["grasps"] <= self.max_grasps else "give_up")
 
@@ -341,8 +382,21 @@ class PickAndPlace(ScriptedDemonstrator):
         T_world_eef = env.T_world_eef()
         eef_pos = T_world_eef[:3, 3]
         if self.phase == "start":
-            self.memory["R_grasp"] = self.grasp_rotation(env)
-            self._goto("hover")
+            self.memory["hold"] = T_world_eef.copy()
+            travel_z = self.travel_height(env)
+            if travel_z is not None and eef_pos[2] < travel_z:
+                self.memory["hold"][2, 3] = travel_z + 0.02
+            self._goto("open")
+        if self.phase == "open":
+            # Rise clear of walls if need be, then open the hand where it is: the object may
+            # be right beside the fingers, and the grasp is chosen with the fingers open.
+            hold = self.memory["hold"]
+            risen = eef_pos[2] > hold[2, 3] - 0.01
+            action, _ = self.servo(env, hold[:3, 3], hold[:3, :3], OPEN if risen else 0.0)
+            if risen and (self.gripper_settled(env, min_steps=4) or self.phase_steps > 50):
+                self._choose_grasp(env)
+                self._goto("hover")
+            return action
         R = self.memory["R_grasp"]
         grasp_pos = obj_pos + self.grasp_offset_m(env)
 
@@ -354,21 +408,18 @@ class PickAndPlace(ScriptedDemonstrator):
             action, err = self.servo(env, target, R, OPEN)
             if (err < 0.01 and self.gripper_settled(env)) or self.phase_steps > 40:
                 self.memory.pop("back_off_target")
-                self.memory["R_grasp"] = self.grasp_rotation(env)
+                self._choose_grasp(env)
                 self._goto("hover")
             return action
         if self.phase == "hover":
-            target, R_hover, gripper = grasp_pos + [0, 0, self.hover_m], R, OPEN
+            target, R_hover = grasp_pos + [0, 0, self.hover_m], R
             travel_z = self.travel_height(env)
-            if travel_z is not None:
-                # Rise clear of walls, and of the object (it may be right beside the hand),
-                # before turning, opening the fingers or moving sideways.
-                far = np.linalg.norm(target[:2] - eef_pos[:2]) > 0.02
-                if far and eef_pos[2] < travel_z:
-                    target = np.array([*eef_pos[:2], max(target[2], travel_z + 0.02)])
-                    R_hover = self.memory.setdefault("R_rise", T_world_eef[:3, :3].copy())
-                    gripper = 0.0  # hold the fingers where they are
-            action, err = self.servo(env, target, R_hover, gripper)
+            far = np.linalg.norm(target[:2] - eef_pos[:2]) > 0.02
+            if travel_z is not None and far and eef_pos[2] < travel_z:
+                # Over the walls before turning the hand or moving sideways.
+                target = np.array([*eef_pos[:2], max(target[2], travel_z + 0.02)])
+                R_hover = self.memory.setdefault("R_rise", T_world_eef[:3, :3].copy())
+            action, err = self.servo(env, target, R_hover, OPEN)
             # Turn the hand fully before going down, or the descent drifts sideways.
             aligned = err < 0.01 and self.last_rot_err_rad < 0.05
             if aligned or self.phase_steps > 80:
@@ -413,11 +464,18 @@ class PickAndPlace(ScriptedDemonstrator):
             target = self._eef_for_object_at(above, R_place)
             action, err = self.servo(env, target, R_place, CLOSE, max_step_m=0.04)
             obj_err_xy = np.linalg.norm(obj_pos[:2] - place[:2])
-            if (err < 0.015 and obj_err_xy < 0.015) or self.phase_steps > 120:
+            # Arrived and stopped: a fast arm carries on past the goal for a few steps.
+            speed = np.linalg.norm(eef_pos - self.memory.get("eef_prev", eef_pos))
+            self.memory["eef_prev"] = eef_pos.copy()
+            if (err < 0.015 and obj_err_xy < 0.015 and speed < 0.0015) or self.phase_steps > 120:
                 self._goto("lower")
             return action
         if self.phase == "lower":
             target = self._eef_for_object_at(place, R_place)
+            hold_z = self.memory.setdefault("lower_from_z", float(eef_pos[2]))
+            if np.linalg.norm(obj_pos[:2] - place[:2]) > 0.01:
+                # Over the goal first, then down: no lower than this while the object is off.
+                target[2] = max(target[2], min(hold_z, eef_pos[2]))
             action, err = self.servo(env, target, R_place, CLOSE, max_step_m=0.01)
             if err < 0.006 or self.phase_steps > 60:
                 self._goto("release")
@@ -432,48 +490,28 @@ class PickAndPlace(ScriptedDemonstrator):
         return action
 
 
+def _quarter_turns(yaw: float) -> list[np.ndarray]:
+    """The four pointing-down grip rotations a quarter turn apart, starting at `yaw`."""
+    return [_rot_z(yaw + k * np.pi / 2) @ R_WORLD_DOWN for k in range(4)]
+
+
 class LiftDemonstrator(PickAndPlace):
     task = "Lift"
 
-    def object_pose(self, env):
-        data = env.sim.data
-        i = env.robosuite_env.cube_body_id
-        return data.body_xpos[i].copy(), data.body_xmat[i].reshape(3, 3).copy()
+    def object_body(self, env):
+        return env.robosuite_env.cube_body_id
 
-    def grasp_rotation(self, env):
-        _, R_cube = self.object_pose(env)
-        return _rot_z(_wrap_quarter_turn(_yaw(R_cube))) @ R_WORLD_DOWN
+    def grasp_candidates(self, env):
+        # A cube is held the same way every quarter turn about its vertical axis.
+        return _quarter_turns(_yaw(self.object_pose(env)[1]))
 
 
 class StackDemonstrator(LiftDemonstrator):
     task = "Stack"
     carry_height_m = 0.08
 
-    def object_pose(self, env):
-        data = env.sim.data
-        i = env.robosuite_env.cubeA_body_id
-        return data.body_xpos[i].copy(), data.body_xmat[i].reshape(3, 3).copy()
-
-    def grasp_rotation(self, env):
-        # Of the two grasps the red cube allows (a quarter turn apart), close the fingers
-        # across the line to the green cube, so the open fingers do not land on it.
-        rs_env, data = env.robosuite_env, env.sim.data
-        to_green_xy = (data.body_xpos[rs_env.cubeB_body_id] - data.body_xpos[rs_env.cubeA_body_id])[
-            :2
-        ]
-        to_green = to_green_xy / max(np.linalg.norm(to_green_xy), 1e-6)
-        yaw = _wrap_quarter_turn(_yaw(self.object_pose(env)[1]))
-        candidates = [yaw, float((yaw + np.pi) % np.pi - np.pi / 2)]
-        closing_eef = self.closing_axis_eef(env)
-
-        def alignment(candidate: float) -> float:
-            closing_world = _rot_z(candidate) @ R_WORLD_DOWN @ closing_eef
-            return abs(float(np.dot(closing_world[:2], to_green)))
-
-        if np.linalg.norm(to_green_xy) > 0.09:
-            # Far apart: the smaller wrist turn (a Panda's wrist may not reach the other).
-            return _rot_z(yaw) @ R_WORLD_DOWN
-        return _rot_z(min(candidates, key=alignment)) @ R_WORLD_DOWN
+    def object_body(self, env):
+        return env.robosuite_env.cubeA_body_id
 
     def place_point(self, env):
         rs_env = env.robosuite_env
@@ -494,15 +532,11 @@ class PickPlaceCanDemonstrator(PickAndPlace):
     # short of the ~0.80 m the goal compartment needs.
     reach_tilt_rad: dict[str, float] = {"Kinova3": 0.45}
 
-    def _can(self, env):
-        rs_env = env.robosuite_env
-        index, obj = next((i, o) for i, o in enumerate(rs_env.objects) if o.name == "Can")
-        return index, rs_env.obj_body_id[obj.name]
+    def _can_index(self, env) -> int:
+        return next(i for i, o in enumerate(env.robosuite_env.objects) if o.name == "Can")
 
-    def object_pose(self, env):
-        _, body = self._can(env)
-        data = env.sim.data
-        return data.body_xpos[body].copy(), data.body_xmat[body].reshape(3, 3).copy()
+    def object_body(self, env):
+        return env.robosuite_env.obj_body_id["Can"]
 
     def grasp_offset_m(self, env):
         # Grip a little above the can's centre so the fingers clear the bin floor.
@@ -511,19 +545,13 @@ class PickPlaceCanDemonstrator(PickAndPlace):
     def travel_height(self, env):
         return float(env.robosuite_env.bin1_pos[2]) + self.wall_height_m + 0.02
 
-    def grasp_rotation(self, env):
-        # A can allows any yaw: close the fingers along the bin's axis with more room on
-        # both sides, so the open fingers (up to ~7 cm either side) miss the walls.
-        rs_env = env.robosuite_env
-        can = self.object_pose(env)[0]
-        low = np.asarray(rs_env.bin1_pos[:2]) - np.asarray(rs_env.bin_size[:2]) / 2
-        high = np.asarray(rs_env.bin1_pos[:2]) + np.asarray(rs_env.bin_size[:2]) / 2
-        room = np.minimum(can[:2] - low, high - can[:2])
-        axis = np.array([1.0, 0.0, 0.0]) if room[0] >= room[1] else np.array([0.0, 1.0, 0.0])
-        return self.down_rotation_closing_along(env, axis)
+    def grasp_candidates(self, env):
+        # A can allows any yaw: every eighth of a turn, so that near a wall or a corner of
+        # the bin one keeps the open fingers (up to ~7 cm either side) off the walls.
+        return _quarter_turns(0.0) + _quarter_turns(np.pi / 4)
 
     def place_point(self, env):
-        index, _ = self._can(env)
+        index = self._can_index(env)
         rs_env = env.robosuite_env
         centre = np.array(rs_env.target_bin_placements[index], dtype=np.float64)
         # Success wants the can's centre inside its compartment (a quarter of the bin,
@@ -652,17 +680,17 @@ class DoorDemonstrator(ScriptedDemonstrator):
         holdable[self.memory["latch_body"]] = True
         q = env.sim.data.qpos[ik.qpos_idx].copy()
         pos_err = rot_err = 0.0
-        margin, collisions = np.inf, 0
+        margin = slack = np.inf
         for pos, R_waypoint, joints in waypoints:
             ik.set_qpos(joints)
             q, p_err, r_err = ik.solve(pos, R_waypoint, q)
             pos_err, rot_err = max(pos_err, p_err), max(rot_err, r_err)
             margin = min(margin, ik.limit_margin(q))
-            collisions += ik.collides(q, holdable)
+            slack = min(slack, ik.slack(q, holdable))
         # A joint at its limit stalls the controller even where the others could make up
         # for it, so a plan needs some room at every joint.
-        feasible = pos_err < 0.005 and rot_err < 0.05 and collisions == 0 and margin > 0.1
-        return (float(not feasible), collisions, -margin, pos_err + 0.1 * rot_err)
+        feasible = pos_err < 0.005 and rot_err < 0.05 and slack >= 0 and margin > 0.1
+        return (float(not feasible), -min(slack, 0.0), -margin, pos_err + 0.1 * rot_err)
 
     def _choose_grasp(self, env: RobosuiteTraceEnv) -> None:
         ik = ArmKinematics(env)
