@@ -13,8 +13,7 @@ setup:
 
 demo: setup
 	$(PY) -m runtime.cli info
-	$(PY) -m runtime.cli predict --out outputs/predict.png
-	$(PY) -m runtime.cli bench model --presets tiny --json outputs/bench_model.json
+	$(PY) -m runtime.cli demo
 
 lint: setup
 	$(PY) -m ruff check .

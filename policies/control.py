@@ -19,7 +19,6 @@ itself to wall-clock ``rate_hz`` (``realtime=True``); latencies and trace ages a
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -58,10 +57,12 @@ class EpisodeResult:
 class GroundTruthTraces:
     """Oracle traces: the query points' true futures, by looking ahead with the demonstrator.
 
-    A shadow copy of the env (no rendering) is set to the live state, the task's scripted
-    demonstrator (kept in phase with the live episode) drives it up to ``lookahead`` steps or
-    to its next gripper event (the end of the motion segment, as TraceExtract cuts them), and
-    each query point follows the body it lies on (from the live camera's segmentation).
+    A shadow copy of the env (no rendering) is set to the live state, a fresh scripted
+    demonstrator of the task (whose phases follow from the state, so it picks up wherever the
+    expert has brought the scene) drives it up to ``lookahead`` steps or to its next gripper
+    event (the end of the motion segment, as TraceExtract cuts them), and each query point
+    follows the body it lies on (from the live camera's segmentation). A demonstrator kept in
+    step with the live episode instead drifts out of phase once the expert acts differently.
     """
 
     def __init__(self, task: str, robot: str, lookahead: int = 40):
@@ -69,16 +70,12 @@ class GroundTruthTraces:
         from envs.robosuite_env import RobosuiteTraceEnv
 
         self.shadow = RobosuiteTraceEnv(task, robot, render_images=False)
-        self.demo = make_demonstrator(task)
+        self.task = task
+        self._make_demo = make_demonstrator
         self.lookahead = lookahead
 
     def reset(self, seed: int) -> None:
         self.shadow.reset(seed=seed)
-        self.demo.reset()
-
-    def track(self, env) -> None:
-        """Advance the demonstrator's phase bookkeeping on the live state (its action unused)."""
-        self.demo(env)
 
     def __call__(self, env, wire_obs: dict[str, Any], T_base_cam: np.ndarray) -> np.ndarray:
         import mujoco
@@ -103,7 +100,7 @@ class GroundTruthTraces:
         sh.set_state_from_flattened(sim.get_state().flatten())
         sh.forward()
         self.shadow.robosuite_env.timestep = max(1, env.robosuite_env.timestep)
-        demo = copy.deepcopy(self.demo)
+        demo = self._make_demo(self.task)
         path = [p_world]
         grip = None
         for _ in range(self.lookahead):
@@ -183,8 +180,6 @@ def run_episode(
             sent[captured] = T_base_cam
             if len(sent) > 64:
                 sent.pop(next(iter(sent)))
-        if oracle is not None:
-            oracle.track(env)
         if need_chunk:
             available = True
             if condition == "mu0":
