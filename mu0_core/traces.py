@@ -73,6 +73,74 @@ def retime_by_arc_length(
     return out, np.ones(num_out, dtype=bool)
 
 
+def retime_by_arc_length_batch(
+    points: Any,
+    valid: Any,
+    num_out: int,
+    min_total_length: float = 1e-6,
+    arc_points: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``retime_by_arc_length`` for B traces at once, with the same rules.
+
+    points: [B, T, D]; valid: bool[B, T]; arc_points: optional [B, T, M].
+    Returns (points_out [B, num_out, D] float64, valid_out bool[B, num_out]).
+    """
+    points = np.asarray(points, dtype=np.float64)
+    valid = np.asarray(valid, dtype=bool)
+    if points.ndim != 3 or valid.shape != points.shape[:2]:
+        raise ValueError(
+            f"points must be [B, T, D] and valid [B, T], got {points.shape} and {valid.shape}"
+        )
+    if num_out < 2:
+        raise ValueError(f"num_out must be >= 2, got {num_out}")
+    arc = points if arc_points is None else np.asarray(arc_points, dtype=np.float64)
+    if arc.ndim != 3 or arc.shape[:2] != points.shape[:2]:
+        raise ValueError(
+            f"arc_points must be [B, T, M] with B, T = {points.shape[:2]}, got {arc.shape}"
+        )
+    B, T, _ = points.shape
+    out = np.repeat(points[:, :1], num_out, axis=1)
+    valid_out = np.zeros((B, num_out), bool)
+    if B == 0 or T == 0:
+        return out, valid_out
+
+    invalid = ~valid
+    n = np.where(invalid.any(1), invalid.argmax(1), T)  # [B] valid prefix lengths
+    steps = np.arange(T)
+    prefix = steps[None, :] < n[:, None]  # [B, T]
+    if (
+        not (np.isfinite(points).all(-1) | ~prefix).all()
+        or not (np.isfinite(arc).all(-1) | ~prefix).all()
+    ):
+        raise ValueError("non-finite values inside the valid prefix; mark those steps invalid")
+    arc = np.where(prefix[..., None], arc, 0.0)
+    seg = np.linalg.norm(np.diff(arc, axis=1), axis=-1)  # [B, T - 1]
+    seg = np.where(prefix[:, 1:], seg, 0.0)
+    s = np.concatenate([np.zeros((B, 1)), np.cumsum(seg, axis=1)], axis=1)  # [B, T]
+    rows = np.arange(B)
+    total = s[rows, np.maximum(n - 1, 0)]
+    valid_out[n > 0] = True
+    moves = (n > 0) & (total >= min_total_length)
+    if not moves.any():
+        return out, valid_out
+
+    b = np.flatnonzero(moves)
+    sb, segb, nb, pts = s[b], seg[b], n[b], points[b]
+    target = np.linspace(0.0, 1.0, num_out)[None, :] * total[b, None]  # [b, K]
+    # searchsorted(side="right") - 1 within each valid prefix, as the one-trace version.
+    le = (sb[:, None, :] <= target[:, :, None]) & prefix[b][:, None, :]  # [b, K, T]
+    i = np.clip(le.sum(-1) - 1, 0, nb[:, None] - 2)  # [b, K]
+    seg_i = np.take_along_axis(segb, i, 1)
+    frac = np.zeros_like(target)
+    np.divide(target - np.take_along_axis(sb, i, 1), seg_i, out=frac, where=seg_i > 0)
+    p0 = np.take_along_axis(pts, i[..., None], 1)
+    p1 = np.take_along_axis(pts, (i + 1)[..., None], 1)
+    res = p0 + np.clip(frac, 0.0, 1.0)[..., None] * (p1 - p0)
+    res[:, -1] = pts[np.arange(len(b)), nb - 1]  # land exactly on the end
+    out[b] = res
+    return out, valid_out
+
+
 def path_length(points: Any, valid: Any) -> np.ndarray:
     """points [..., T, D], valid [..., T] -> [...] summed length of the steps whose two ends are valid."""
     points = np.asarray(points, dtype=np.float64)

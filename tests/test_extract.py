@@ -101,16 +101,22 @@ def test_extract_episode_end_to_end():
     ep = _scene()
     traces = extract_episode(ep, ExtractConfig(num_points=40))
     N = len(traces.query_uv_px)
-    assert 20 <= N <= 40
+    # Points picked in frame 0; wall points the square covers are lost and replaced by new
+    # tracks later, never more live at once than asked for.
+    assert 20 <= (traces.query_frame == 0).sum() <= 40
+    assert (traces.query_frame > 0).any() and traces.visible.sum(1).max() <= 40
     # The square's points are found (motion saliency) and flagged moving with one rigid group.
     q = np.round(traces.query_uv_px).astype(int)
-    on_square = ep.depth_m[0, q[:, 1], q[:, 0]] < 0.9
+    on_square = ep.depth_m[traces.query_frame, q[:, 1], q[:, 0]] < 0.9
+    # What follows is about the points of frame 0 (later ones may start after the motion).
+    on_square &= traces.query_frame == 0
     assert on_square.sum() >= 5
     assert traces.moving[on_square].mean() > 0.8
     # Wall points the square runs over may be dragged by its edge for a few frames before
     # the checks drop them; the wall points still tracked at the end have not moved.
-    assert (~traces.moving[~on_square]).mean() > 0.6
-    kept = ~on_square & traces.valid[-1]
+    wall = (traces.query_frame == 0) & ~on_square
+    assert (~traces.moving[wall]).mean() > 0.6
+    kept = wall & traces.valid[-1]
     assert kept.sum() >= 10
     assert np.abs(traces.uv_px[-1, kept] - traces.query_uv_px[kept]).max() < 1.0
     groups = traces.group_id[on_square & traces.moving]
@@ -155,6 +161,75 @@ def test_extract_episode_end_to_end():
     assert len(strings["sample_caption"]) == S and strings["instruction"] == "push the square"
     report = traces.report()
     assert report["points"] == N and 0 < report["coverage"] <= 1 and report["share_valid"] > 0.5
+
+
+def _entering_scene() -> RGBDEpisode:
+    """A textured square sliding in from the left edge, 2 px per frame, over the wall."""
+    ep = _scene("entering")
+    wall, square = _texture(0, (H, W, 3)), _texture(1, (SQUARE, SQUARE, 3))
+    for t in range(F):
+        x = -SQUARE + 2 * t
+        ep.rgb[t], ep.depth_m[t] = wall, 1.0
+        ep.rgb[t, 24 : 24 + SQUARE, max(x, 0) : max(x + SQUARE, 0)] = square[:, max(-x, 0) :]
+        ep.depth_m[t, 24 : 24 + SQUARE, max(x, 0) : max(x + SQUARE, 0)] = 0.8
+    return ep
+
+
+def test_reseeded_tracks_start_mid_episode_with_masked_history(tmp_path):
+    ep = _entering_scene()
+    traces = extract_episode(ep, ExtractConfig(num_points=30, reseed_every=2))
+    N, qf = len(traces.query_frame), traces.query_frame
+    late = np.flatnonzero(qf > 0)
+    assert len(late) >= 5
+    # A track does not exist before its query frame, and starts seen there.
+    before = np.arange(F)[:, None] < qf[None, :]
+    assert not traces.visible[before].any() and not traces.valid[before].any()
+    assert traces.visible[qf, np.arange(N)].all()
+    # The square was out of view at frame 0: only re-seeding gives it points, which follow it.
+    q = np.round(traces.query_uv_px[late]).astype(int)
+    on_square = late[ep.depth_m[qf[late], q[:, 1], q[:, 0]] < 0.9]
+    assert len(on_square) >= 3 and traces.moving[on_square].all()
+    t0 = qf[on_square[0]]
+    moved = traces.uv_px[t0 + 4, on_square[0]] - traces.uv_px[t0, on_square[0]]
+    np.testing.assert_allclose(moved, [8.0, 0.0], atol=0.5)
+    plain = extract_episode(ep, ExtractConfig(num_points=30, reseed_every=0))
+    assert (plain.query_frame == 0).all()
+    assert traces.report()["share_valid"] > plain.report()["share_valid"] + 0.1
+
+    # Samples: steps before a track starts are invalid (zeros) in every history window.
+    arrays = traces.arrays()
+    steps = arrays["sample_frame"][:, None] + np.arange(-7, 1)[None, :]  # [S, 8]
+    not_yet = steps[:, None, :] < qf[None, :, None]  # [S, N, 8]
+    assert not arrays["hist_valid"][not_yet].any()
+    assert (arrays["hist_uvz"][not_yet] == 0).all()
+    assert not arrays["point_mask"][arrays["sample_frame"][:, None] < qf[None, :]].any()
+    partial = arrays["point_mask"] & not_yet.any(-1)
+    assert partial[:, late].any()  # some windows hold a track's first few steps only
+
+    # ... and so in the batches pretraining reads back.
+    td.write_episode(tmp_path, ep.id, arrays, traces.strings())
+    td.write_meta(tmp_path, [traces.meta()], source="test")
+    ds = td.TraceDataset(tmp_path)
+    batch = td.collate_traces([ds[i] for i in range(len(ds))])
+    hv, pm = batch.hist_valid, batch.point_mask
+    assert hv[..., -1][pm].all() and not hv[~pm].any()
+    assert (batch.hist_uvz[~hv] == 0).all()
+    assert (pm & hv[..., -1] & ~hv[..., 0]).any()
+
+
+def test_reseeding_works_with_any_tracker():
+    class TrackOnly:  # a plug-in tracker with only the protocol's `track`
+        def __init__(self):
+            self.lk = make_tracker("lk")
+
+        def track(self, rgb, query_uv_px, query_frame=0):
+            return self.lk.track(rgb, query_uv_px, query_frame)
+
+    ep, cfg = _entering_scene(), ExtractConfig(num_points=30, reseed_every=2)
+    native, generic = extract_episode(ep, cfg), extract_episode(ep, cfg, tracker=TrackOnly())
+    np.testing.assert_array_equal(native.query_frame, generic.query_frame)
+    np.testing.assert_array_equal(native.visible, generic.visible)
+    np.testing.assert_allclose(native.uv_px, generic.uv_px, atol=1e-4)
 
 
 def _write_folder(root, ep: RGBDEpisode, depth: bool = True):

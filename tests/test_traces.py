@@ -79,3 +79,18 @@ def test_is_moving_per_point():
     np.testing.assert_array_equal(tr.is_moving(points, valid, 0.01), [False, True, True, False])
     with pytest.raises(ValueError):
         tr.is_moving(points, valid[:, :5], 0.01)
+
+
+def test_batch_retiming_matches_one_trace_at_a_time():
+    rng = np.random.default_rng(0)
+    B, T = 40, 12
+    points, arc = rng.normal(size=(B, T, 3)).cumsum(1), rng.normal(size=(B, T, 3)).cumsum(1)
+    valid = rng.uniform(size=(B, T)) > 0.1
+    valid[:3, 0] = False  # nothing to resample
+    points[3:6], arc[3:6] = points[3:6, :1], arc[3:6, :1]  # standing still
+    points[6:9, 4], arc[6:9, 4] = points[6:9, 3], arc[6:9, 3]  # a pause
+    out, out_valid = tr.retime_by_arc_length_batch(points, valid, 9, 1e-3, arc)
+    for b in range(B):
+        one, one_valid = tr.retime_by_arc_length(points[b], valid[b], 9, 1e-3, arc[b])
+        np.testing.assert_allclose(out[b], one, atol=1e-12)
+        np.testing.assert_array_equal(out_valid[b], one_valid)

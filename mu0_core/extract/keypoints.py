@@ -95,22 +95,36 @@ def select_keypoints(
     query_frame: int = 0,
     moving_share: float = 0.75,
     saliency_threshold: float = 0.15,
+    saliency: np.ndarray | None = None,
+    exclude_uv_px: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pick ``num_points`` query pixels in ``query_frame``.
 
-    rgb: uint8[F, H, W, 3]; depth_m: float32[F, H, W]. Returns (uv_px float32[N, 2],
-    saliency float32[N] at the chosen pixels); N <= num_points (fewer on a blank image).
+    rgb: uint8[F, H, W, 3]; depth_m: float32[F, H, W]; saliency: float32[H, W] from
+    ``motion_saliency`` (computed here when None); exclude_uv_px: float[M, 2] pixels
+    already tracked in ``query_frame``, whose neighbourhoods are left out (re-seeding).
+    Returns (uv_px float32[N, 2], saliency float32[N] at the chosen pixels);
+    N <= num_points (fewer on a blank image or where everything is taken).
     """
     cv2 = import_cv2()
-    gray = to_gray(rgb)
-    F, H, W = gray.shape
-    sal = motion_saliency(gray, depth_m)
-    g0, d0 = gray[query_frame], depth_m[query_frame]
+    H, W = rgb.shape[1:3]
+    if saliency is None:
+        saliency = motion_saliency(to_gray(rgb), depth_m)
+    sal = saliency
+    g0, d0 = to_gray(rgb[query_frame]), depth_m[query_frame]
     # Corners need a 2-pixel margin for LK's window and known depth to be lifted.
     mask = np.zeros((H, W), bool)
     mask[2:-2, 2:-2] = True
     mask &= np.isfinite(d0) & (d0 > 0)
     min_distance = max(1.0, min(H, W) / 64.0)
+    if exclude_uv_px is not None and len(exclude_uv_px):
+        taken = np.zeros((H, W), np.uint8)
+        radius = int(round(2 * min_distance))
+        for u, v in np.round(np.asarray(exclude_uv_px)).astype(int):
+            cv2.circle(taken, (int(u), int(v)), radius, 1, -1)
+        mask &= taken == 0
+    if num_points <= 0 or not mask.any():
+        return np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
     uv, response = corner_candidates(g0, mask, num_points * 12, min_distance)
     if len(uv) < num_points:
         # Textureless images: top the candidates up with a grid, so coverage does not collapse.

@@ -144,10 +144,10 @@ def attach_to_bodies(
 
 
 def rigid_body_tracks(
-    xyz_world0: np.ndarray, body: np.ndarray, body_pose: np.ndarray
+    xyz_world0: np.ndarray, body: np.ndarray, body_pose: np.ndarray, query_frame: int = 0
 ) -> np.ndarray:
-    """Move each point rigidly with its body: xyz_world0 [N, 3], body int[N],
-    body_pose [F, B, 7] (the query frame first) -> xyz_world float64[F, N, 3]."""
+    """Move each point rigidly with its body: xyz_world0 [N, 3] (the points in frame
+    ``query_frame``), body int[N], body_pose [F, B, 7] -> xyz_world float64[F, N, 3]."""
     T = body_pose_matrices(body_pose[:, body])  # [F, N, 4, 4]
-    p_body = transform_points(invert_transform(T[0]), xyz_world0)  # [N, 3] in each body's frame
+    p_body = transform_points(invert_transform(T[query_frame]), xyz_world0)  # [N, 3] body frames
     return transform_points(T, np.broadcast_to(p_body, (len(T), *p_body.shape)))

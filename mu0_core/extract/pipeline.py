@@ -1,10 +1,11 @@
 """TraceExtract end to end: one episode -> trace samples; many episodes in parallel.
 
-Per episode (``extract_episode``): pick keypoints from pixels, track them in 2D, lift them
-to 3D in the world frame, flag moving points and cluster rigid groups, segment the motion
-and caption it, then cut samples: for each frame t, every point's 8-step history and its
-future re-timed by arc length over the rest of the current segment, both in frame t's
-camera (``mu0_core.trace_dataset`` holds the contract).
+Per episode (``extract_episode``): pick keypoints from pixels, track them in 2D (replacing
+lost ones with new tracks that start where they are picked), lift them to 3D in the world
+frame, flag moving points and cluster rigid groups, segment the motion and caption it,
+then cut samples: for each frame t, every point's 8-step history and its future re-timed
+by arc length over the rest of the current segment, both in frame t's camera
+(``mu0_core.trace_dataset`` holds the contract; steps before a track starts are invalid).
 
 Across episodes (``run_extract``): local processes by default, a Ray job with
 ``use_ray=True``; each worker opens the source from its JSON spec, extracts one episode
@@ -26,7 +27,7 @@ import numpy as np
 
 from mu0_core import trace_dataset
 from mu0_core.extract import ExtractError
-from mu0_core.extract.keypoints import select_keypoints
+from mu0_core.extract.keypoints import motion_saliency, select_keypoints, to_gray
 from mu0_core.extract.lifting import (
     attach_to_bodies,
     lift_tracks,
@@ -35,8 +36,8 @@ from mu0_core.extract.lifting import (
 )
 from mu0_core.extract.segments import Segment, make_captioner, motion_activity, segment_episode
 from mu0_core.extract.sources import RGBDEpisode, open_source
-from mu0_core.extract.tracking import Tracker, make_tracker
-from mu0_core.traces import is_moving, retime_by_arc_length
+from mu0_core.extract.tracking import Tracker, Tracks, make_tracker, track_with_reseeding
+from mu0_core.traces import is_moving, retime_by_arc_length_batch
 from mu0_core.types import HISTORY_STEPS, HORIZON
 
 RAY_HINT = "`mu0 extract --ray` needs Ray: pip install 'mu0[ray]'"
@@ -55,6 +56,10 @@ class ExtractConfig:
     still_path_m: float = 0.005  # a future shorter than this is a point holding still
     rigid_tolerance_m: float = 0.01  # distance change allowed between points of one rigid group
     moving_share: float = 0.75  # share of keypoints taken where something moves
+    # Every this many frames, points lost since are replaced by new tracks starting there
+    # (0: never); only once at least `reseed_min_lost` of `num_points` are lost.
+    reseed_every: int = 4
+    reseed_min_lost: float = 0.1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,7 +74,8 @@ class EpisodeTraces:
     """Everything extracted from one episode (F frames, N points, S samples)."""
 
     episode: RGBDEpisode
-    query_uv_px: np.ndarray  # float32[N, 2] in frame 0
+    query_uv_px: np.ndarray  # float32[N, 2], each in its query frame
+    query_frame: np.ndarray  # int64[N] the frame each track starts at (0, or re-seeded later)
     uv_px: np.ndarray  # float32[F, N, 2] 2D tracks
     visible: np.ndarray  # bool[F, N] from the tracker
     xyz_world: np.ndarray  # float64[F, N, 3] (NaN where not valid)
@@ -81,6 +87,7 @@ class EpisodeTraces:
     samples: dict[str, np.ndarray]  # the per-sample arrays of the contract
     gt_xyz_world: np.ndarray | None = None  # float64[F, N, 3] simulator truth, if known
     seconds: float = 0.0
+    num_points: int = 0  # live tracks asked for per frame (ExtractConfig.num_points)
 
     def arrays(self) -> dict[str, np.ndarray]:
         ep = self.episode
@@ -132,13 +139,18 @@ class EpisodeTraces:
         hv = self.samples["hist_valid"][self.samples["point_mask"]]
         return {
             "points": N,
+            "reseeded_points": int((self.query_frame > 0).sum()),
             "moving_points": int(self.moving.sum()),
             "groups": int(len(set(self.group_id[self.group_id >= 0].tolist()))),
             "frames": F,
             "samples": int(len(self.samples["sample_frame"])),
             "segments": len(self.segments),
             "coverage": float(cells.sum() / max(1, has_depth.sum())),
-            "share_valid": float(self.valid.mean()) if N else 0.0,
+            # Valid points per frame as a share of the points asked for (equal to the share
+            # of valid track steps when nothing is re-seeded), and that share over all steps
+            # of all tracks, counting the frames before a re-seeded track starts.
+            "share_valid": float(self.valid.sum() / (F * max(self.num_points, 1))) if N else 0.0,
+            "share_valid_steps": float(self.valid.mean()) if N else 0.0,
             "share_future_valid": float(fv.mean()) if fv.size else 0.0,
             "share_hist_valid": float(hv.mean()) if hv.size else 0.0,
             "seconds": round(self.seconds, 3),
@@ -160,11 +172,13 @@ def rigid_groups(
     within ``tolerance_m`` (10th to 90th percentile) over the frames both are valid.
 
     Static points form group 0; moving points are grouped greedily around the point seen
-    longest; points valid in under a quarter of the frames get -1 (unknown).
+    longest; points valid in under a quarter of the frames from their first valid one on
+    (a track may start mid-episode) get -1 (unknown).
     """
     F, N, _ = xyz_world.shape
     group = np.full(N, -1, np.int64)
-    enough = valid.mean(0) >= 0.25
+    first = np.where(valid.any(0), np.argmax(valid, axis=0), F)
+    enough = (valid.sum(0) >= 0.25 * (F - first)) & (valid.sum(0) >= 2)
     group[enough & ~moving] = 0
     cand = np.flatnonzero(enough & moving)
     if len(cand) == 0:
@@ -175,8 +189,8 @@ def rigid_groups(
     d = np.linalg.norm(x[:, :, None] - x[:, None, :], axis=-1)  # [T, M, M]
     both = v[:, :, None] & v[:, None, :]
     d = np.where(both, d, np.nan)
-    with np.errstate(all="ignore"), _quiet_nan_warnings():
-        spread = np.nanpercentile(d, 90, axis=0) - np.nanpercentile(d, 10, axis=0)
+    p10, p90 = _nan_percentiles(d, (10.0, 90.0))
+    spread = p90 - p10
     common = both.sum(0) >= max(3, len(frames) // 4)
     rigid = common & (np.nan_to_num(spread, nan=np.inf) <= tolerance_m)
     order = np.argsort(-v.sum(0))
@@ -196,18 +210,22 @@ def rigid_groups(
     return group
 
 
-class _quiet_nan_warnings:
-    """All-NaN slices are expected (point pairs never seen together); silence their warning."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+def _nan_percentiles(x: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
+    """``np.nanpercentile(x, q, axis=0)`` (linear) for each q, vectorised: NaN where a
+    column has no values. numpy's own loops over columns in Python when NaNs are present."""
+    k = np.isfinite(x).sum(0)  # values per column
+    xs = np.sort(np.where(np.isfinite(x), x, np.inf), axis=0)  # values first, in order
+    out = []
+    for q in qs:
+        pos = q / 100.0 * np.maximum(k - 1, 0)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, np.maximum(k - 1, 0))
+        a = np.take_along_axis(xs, lo[None], 0)[0]
+        b = np.take_along_axis(xs, hi[None], 0)[0]
+        with np.errstate(invalid="ignore"):
+            v = a + (pos - lo) * np.where(hi > lo, b - a, 0.0)
+        out.append(np.where(k > 0, v, np.nan))
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -276,25 +294,27 @@ def build_samples(
         ):
             if world is None:
                 continue
-            L = len(world)
-            uvz_f, xyz_cam = world_to_camera_uvz(world.reshape(1, L * N, 3), T_cam, K, size[None])
-            uvz_f, xyz_cam = uvz_f.reshape(L, N, 3), xyz_cam.reshape(L, N, 3)
-            ok = np.ones((L, N), bool) if ok is None else ok
+            n = np.flatnonzero(out["point_mask"][i])  # the points known at t
+            L, M = len(world), len(n)
+            world = world[:, n]
+            uvz_f, xyz_cam = world_to_camera_uvz(world.reshape(1, L * M, 3), T_cam, K, size[None])
+            uvz_f, xyz_cam = uvz_f.reshape(L, M, 3), xyz_cam.reshape(L, M, 3)
+            ok = np.ones((L, M), bool) if ok is None else ok[:, n]
             ok = ok & np.isfinite(uvz_f).all(-1) & (xyz_cam[..., 2] > 0)
             uvz_f = np.where(ok[..., None], uvz_f, 0.0)
-            for n in np.flatnonzero(out["point_mask"][i]):
-                pts, pts_ok = retime_by_arc_length(
-                    uvz_f[:, n],
-                    ok[:, n],
-                    Hz,
-                    min_total_length=config.still_path_m,
-                    arc_points=xyz_cam[:, n],
-                )
-                if key == "future":
-                    out["future_uvz"][i, n] = pts
-                    out["future_valid"][i, n] = pts_ok
-                else:
-                    out["gt_future_uvz"][i, n] = pts
+            xyz_cam = np.where(ok[..., None], xyz_cam, 0.0)
+            pts, pts_ok = retime_by_arc_length_batch(
+                np.swapaxes(uvz_f, 0, 1),
+                ok.T,
+                Hz,
+                min_total_length=config.still_path_m,
+                arc_points=np.swapaxes(xyz_cam, 0, 1),
+            )  # [M, Hz, 3], [M, Hz]
+            if key == "future":
+                out["future_uvz"][i, n] = pts
+                out["future_valid"][i, n] = pts_ok
+            else:
+                out["gt_future_uvz"][i, n] = pts
     return out
 
 
@@ -314,6 +334,41 @@ def _camera_axes_world(ep: RGBDEpisode) -> tuple[np.ndarray, np.ndarray, np.ndar
     return right / np.linalg.norm(right), forward / max(np.linalg.norm(forward), 1e-9), up
 
 
+def track_keypoints(ep: RGBDEpisode, config: ExtractConfig, tracker: Tracker) -> Tracks:
+    """2D tracks of keypoints picked from pixels (``Tracks.query_frame`` says where each starts).
+
+    ``config.num_points`` are picked in frame 0; with re-seeding, every
+    ``config.reseed_every`` frames the points lost since are replaced by new ones picked
+    away from the live tracks, so the episode stays covered as the arm occludes or turns
+    what was tracked. Re-seeded tracks start at their frame and are not visible before it.
+    """
+    F = ep.num_frames
+    saliency = motion_saliency(to_gray(ep.rgb), ep.depth_m)
+    min_lost = max(1, int(round(config.reseed_min_lost * config.num_points)))
+
+    def seed(t: int, alive_uv_px: np.ndarray) -> np.ndarray:
+        missing = config.num_points - len(alive_uv_px)
+        # A track needs a few frames ahead of it to give a sample a future.
+        if t > 0 and (missing < min_lost or F - t < 4):
+            return np.zeros((0, 2), np.float32)
+        uv, _ = select_keypoints(
+            ep.rgb,
+            ep.depth_m,
+            missing,
+            query_frame=t,
+            moving_share=config.moving_share,
+            saliency=saliency,
+            exclude_uv_px=alive_uv_px,
+        )
+        return uv
+
+    if config.reseed_every > 0:
+        return track_with_reseeding(tracker, ep.rgb, seed, config.reseed_every)
+    query_uv = seed(0, np.zeros((0, 2), np.float32))
+    tracks = tracker.track(ep.rgb, query_uv, query_frame=0)
+    return Tracks(tracks.uv_px, tracks.visible, np.zeros(len(query_uv), np.int64))
+
+
 def extract_episode(
     ep: RGBDEpisode,
     config: ExtractConfig | None = None,
@@ -327,12 +382,11 @@ def extract_episode(
     tracker = tracker or make_tracker(config.tracker, **config.tracker_kwargs)
     captioner = captioner or make_captioner(config.captioner)
 
-    query_uv, _ = select_keypoints(
-        ep.rgb, ep.depth_m, config.num_points, moving_share=config.moving_share
-    )
-    if len(query_uv) == 0:
+    tracks = track_keypoints(ep, config, tracker)
+    query_frame = tracks.query_frame
+    if len(query_frame) == 0:
         raise ExtractError(ep.id, "no trackable pixels with depth in the first frame")
-    tracks = tracker.track(ep.rgb, query_uv, query_frame=0)
+    query_uv = tracks.uv_px[query_frame, np.arange(len(query_frame))]
     xyz_world, valid = lift_tracks(
         tracks.uv_px, tracks.visible, ep.depth_m, ep.intrinsics, ep.T_world_cam
     )
@@ -374,14 +428,19 @@ def extract_episode(
 
     gt = None
     if ep.sim is not None:
-        x0 = np.where(valid[0][:, None], xyz_world[0], np.nan)
-        seg0 = None if ep.sim.segmentation is None else ep.sim.segmentation[0]
-        body = attach_to_bodies(query_uv, np.nan_to_num(x0), ep.sim.body_pose[0], seg0)
-        gt = rigid_body_tracks(np.nan_to_num(x0), body, ep.sim.body_pose)
+        # Each point's truth: the body under it in its query frame, moved rigidly from there.
+        gt = np.zeros_like(xyz_world)
+        for f in np.unique(query_frame):
+            n = np.flatnonzero(query_frame == f)
+            x0 = np.nan_to_num(np.where(valid[f, n][:, None], xyz_world[f, n], np.nan))
+            seg = None if ep.sim.segmentation is None else ep.sim.segmentation[f]
+            body = attach_to_bodies(query_uv[n], x0, ep.sim.body_pose[f], seg)
+            gt[:, n] = rigid_body_tracks(x0, body, ep.sim.body_pose, query_frame=int(f))
     samples = build_samples(ep, xyz_world, valid, moving, group_id, segments, config, gt)
     return EpisodeTraces(
         episode=ep,
         query_uv_px=query_uv,
+        query_frame=query_frame,
         uv_px=tracks.uv_px,
         visible=tracks.visible,
         xyz_world=xyz_world,
@@ -393,6 +452,7 @@ def extract_episode(
         samples=samples,
         gt_xyz_world=gt,
         seconds=time.perf_counter() - start_time,
+        num_points=config.num_points,
     )
 
 

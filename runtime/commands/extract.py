@@ -21,7 +21,13 @@ def add_parser(sub) -> None:
     p.add_argument("source", type=Path, help="LeRobot v3 dataset or frame folder")
     p.add_argument("--out", type=Path, required=True, help="trace dataset directory")
     p.add_argument("--episodes", default=None, help="comma-separated episode ids (default: all)")
-    p.add_argument("--points", type=int, default=96, help="keypoints per episode")
+    p.add_argument("--points", type=int, default=96, help="live keypoints per frame")
+    p.add_argument(
+        "--reseed-every",
+        type=int,
+        default=4,
+        help="replace lost points with new tracks every this many frames (0: never)",
+    )
     p.add_argument("--stride", type=int, default=1, help="a sample every this many frames")
     p.add_argument("--tracker", default="lk", help="'lk' or 'package.module:factory'")
     p.add_argument("--captioner", default="rule", help="'rule' or 'package.module:factory'")
@@ -52,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(args.source, **kwargs)
     config = ExtractConfig(
         num_points=args.points,
+        reseed_every=args.reseed_every,
         sample_stride=args.stride,
         tracker=args.tracker,
         captioner=args.captioner,
