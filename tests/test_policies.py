@@ -171,7 +171,7 @@ def test_control_loop_conditions_in_simulation(tmp_path):
 
     env = RobosuiteTraceEnv("Lift", "Panda", image_size=(64, 64))
     expert = _expert()
-    oracle = GroundTruthTraces("Lift", "Panda", lookahead=12)
+    oracle = GroundTruthTraces("Lift", "Panda", lookahead=40)
     cfg = LoopConfig(trace_max_age_s=5.0, num_scene_points=8)
     with running_server(EchoTraceModel(image_size=None)) as server:
         client = TraceClient(f"tcp://127.0.0.1:{server.port}", max_age_s=5.0)
