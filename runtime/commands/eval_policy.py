@@ -186,6 +186,9 @@ def evaluate_robot(job: dict[str, Any]) -> list[dict[str, Any]]:
                     "dropped_actions": int(sum(e.dropped_actions for e in eps)),
                 }
             )
+            # Each finished condition is kept at once: an interrupted run loses no result.
+            with (out / f"partial-{robot}.jsonl").open("a") as f:
+                f.write(json.dumps(results[-1]) + "\n")
         env.close()
         if oracle is not None:
             oracle.close()
