@@ -426,8 +426,15 @@ class PickAndPlace(ScriptedDemonstrator):
                 self._goto("descend")
             return action
         if self.phase == "descend":
-            action, err = self.servo(env, grasp_pos, R, OPEN, max_step_m=0.01)
+            target = grasp_pos.copy()
+            hold_z = self.memory.setdefault("descend_from_z", float(eef_pos[2]))
+            if np.linalg.norm(grasp_pos[:2] - eef_pos[:2]) > 0.006:
+                # Some arms drift sideways on the way down: stop going down until back over
+                # the grasp, or the open fingers land on the object.
+                target[2] = max(target[2], min(hold_z, eef_pos[2]))
+            action, err = self.servo(env, target, R, OPEN, max_step_m=0.01)
             if err < 0.005 or self.phase_steps > 60:
+                self.memory.pop("descend_from_z")
                 self._goto("close")
             return action
         if self.phase == "close":
@@ -566,13 +573,19 @@ class PickPlaceCanDemonstrator(PickAndPlace):
         return np.array([*place_xy, float(rs_env.bin2_pos[2]) + self.wall_height_m + 0.03])
 
     def place_rotation(self, env, R_grasp):
+        # A can looks the same at any yaw: turn the hand with the arm as it swings from the
+        # grasp to the goal, so the wrist does not have to turn the other way (a Panda's
+        # wrist runs out of range doing that on some far grasps).
+        base_xy = env.T_world_base()[:2, 3]
+        from_base = self.object_pose(env)[0][:2] - base_xy
+        outward = self.place_point(env)[:2] - base_xy
+        R = _rot_z(_yaw_between(from_base, outward)) @ R_grasp
         tilt = self.reach_tilt_rad.get(env.robot_name, 0.0)
         if tilt == 0.0:
-            return R_grasp
-        outward = self.place_point(env)[:2] - env.T_world_base()[:2, 3]
+            return R
         outward = np.array([*outward / np.linalg.norm(outward), 0.0])
         axis = np.cross(outward, [0.0, 0.0, 1.0])  # turning about it swings the tips outward
-        return _axis_angle_matrix(axis, tilt) @ R_grasp
+        return _axis_angle_matrix(axis, tilt) @ R
 
 
 class DoorDemonstrator(ScriptedDemonstrator):
@@ -725,7 +738,8 @@ class DoorDemonstrator(ScriptedDemonstrator):
         if self.phase == "hover":
             # In front of the lever first, turning the hand on the way.
             action, err = self.servo(env, handle - 0.10 * self.memory["approach"], R, OPEN)
-            if err < 0.01 or self.phase_steps > 100:
+            # Turned fully before reaching in: a hand still turning knocks the lever down.
+            if (err < 0.01 and self.last_rot_err_rad < 0.05) or self.phase_steps > 100:
                 self._goto("descend")
             return action
         if self.phase == "descend":
