@@ -139,11 +139,18 @@ def test_extract_episode_end_to_end():
 
     arrays, strings = traces.arrays(), traces.strings()
     S = len(arrays["sample_frame"])
+    # A sample holds the points known at its frame (never more than asked for), in track
+    # order; sample_track says which.
+    slots = arrays["point_mask"].sum(1).max()
+    assert slots <= 40 and traces.sample_track.shape == (S, slots)
     assert (
         S == F
-        and arrays["future_uvz"].shape == (S, N, 32, 3)
-        and arrays["hist_uvz"].shape == (S, N, 8, 3)
+        and arrays["future_uvz"].shape == (S, slots, 32, 3)
+        and arrays["hist_uvz"].shape == (S, slots, 8, 3)
     )
+    for i, t in enumerate(arrays["sample_frame"]):
+        known = traces.sample_track[i][arrays["point_mask"][i]]
+        np.testing.assert_array_equal(known, np.flatnonzero(traces.valid[t]))
     # Future step 0 = the current position = the last history step (frame t's camera).
     m = arrays["point_mask"]
     np.testing.assert_allclose(
@@ -151,11 +158,12 @@ def test_extract_episode_end_to_end():
     )
     # Re-timed over the rest of the segment: at frame 6 a square point ends where the square stops.
     i = 6
+    c = int(np.flatnonzero(traces.sample_track[i] == n)[0])  # track n's column in sample i
     seg_end = traces.segments[int(arrays["sample_segment"][i])].end
-    end_uv = arrays["future_uvz"][i, n, -1, :2]
+    end_uv = arrays["future_uvz"][i, c, -1, :2]
     u_px = ((end_uv[0] + 1) * W - 1) / 2
     assert abs(u_px - traces.uv_px[seg_end - 1, n, 0]) < 0.05
-    steps = np.linalg.norm(np.diff(arrays["future_uvz"][i, n, :, :2], axis=0), axis=-1)
+    steps = np.linalg.norm(np.diff(arrays["future_uvz"][i, c, :, :2], axis=0), axis=-1)
     assert steps.std() < 0.1 * steps.mean()  # equal arc-length steps
     assert arrays["hist_valid"][0, :, :-1].sum() == 0  # nothing before the first frame
     assert len(strings["sample_caption"]) == S and strings["instruction"] == "push the square"
@@ -197,14 +205,15 @@ def test_reseeded_tracks_start_mid_episode_with_masked_history(tmp_path):
     assert traces.report()["share_valid"] > plain.report()["share_valid"] + 0.1
 
     # Samples: steps before a track starts are invalid (zeros) in every history window.
-    arrays = traces.arrays()
+    arrays, track = traces.arrays(), traces.sample_track  # track: [S, N'] -1 = padding
+    assert ((track >= 0) == arrays["point_mask"]).all()
+    start = np.where(track >= 0, qf[track], F)  # [S, N'] first frame of each column's track
     steps = arrays["sample_frame"][:, None] + np.arange(-7, 1)[None, :]  # [S, 8]
-    not_yet = steps[:, None, :] < qf[None, :, None]  # [S, N, 8]
+    not_yet = steps[:, None, :] < start[:, :, None]  # [S, N', 8]
     assert not arrays["hist_valid"][not_yet].any()
     assert (arrays["hist_uvz"][not_yet] == 0).all()
-    assert not arrays["point_mask"][arrays["sample_frame"][:, None] < qf[None, :]].any()
     partial = arrays["point_mask"] & not_yet.any(-1)
-    assert partial[:, late].any()  # some windows hold a track's first few steps only
+    assert partial[np.isin(track, late)].any()  # some windows hold a track's first steps only
 
     # ... and so in the batches pretraining reads back.
     td.write_episode(tmp_path, ep.id, arrays, traces.strings())

@@ -84,7 +84,8 @@ class EpisodeTraces:
     group_id: np.ndarray  # int64[N]
     segments: list[Segment]
     captions: list[str]
-    samples: dict[str, np.ndarray]  # the per-sample arrays of the contract
+    samples: dict[str, np.ndarray]  # the per-sample arrays of the contract (N' columns)
+    sample_track: np.ndarray  # int64[S, N'] the track in each sample's column, -1 padding
     gt_xyz_world: np.ndarray | None = None  # float64[F, N, 3] simulator truth, if known
     seconds: float = 0.0
     num_points: int = 0  # live tracks asked for per frame (ExtractConfig.num_points)
@@ -318,6 +319,47 @@ def build_samples(
     return out
 
 
+PER_POINT_KEYS = (
+    "hist_uvz",
+    "hist_valid",
+    "future_uvz",
+    "future_valid",
+    "point_mask",
+    "group_id",
+    "moving",
+    "gt_future_uvz",
+)
+
+
+def pack_samples(samples: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Keep, in each sample, only the points known at its frame, in as few columns as needed.
+
+    With re-seeding an episode has many more tracks than are ever alive at once, and each
+    sample only uses the ones known at its frame (``point_mask``); a sample holds no
+    identity across samples, so its points fill columns 0.. in track order and the rest is
+    padding (masked, zero). Returns (packed samples, track int64[S, N'] behind each column,
+    -1 for padding).
+    """
+    mask = samples["point_mask"]
+    S, N = mask.shape
+    count = mask.sum(1)
+    width = max(int(count.max()) if S else 0, 1)
+    # The known points first, each sample's in their track order (a stable sort).
+    track = np.argsort(~mask, axis=1, kind="stable")[:, :width]  # [S, N']
+    keep = np.arange(width)[None, :] < count[:, None]  # [S, N']
+    packed = dict(samples)
+    for key in PER_POINT_KEYS:
+        if key not in samples:
+            continue
+        x = samples[key]
+        idx = track.reshape(S, width, *([1] * (x.ndim - 2)))
+        y = np.take_along_axis(x, idx, axis=1)
+        k = keep.reshape(S, width, *([1] * (x.ndim - 2)))
+        fill = -1 if key == "group_id" else 0
+        packed[key] = np.where(k, y, np.asarray(fill, dtype=x.dtype)).astype(x.dtype)
+    return packed, np.where(keep, track, -1).astype(np.int64)
+
+
 # ---------------------------------------------------------------------------
 # One episode
 
@@ -437,6 +479,7 @@ def extract_episode(
             body = attach_to_bodies(query_uv[n], x0, ep.sim.body_pose[f], seg)
             gt[:, n] = rigid_body_tracks(x0, body, ep.sim.body_pose, query_frame=int(f))
     samples = build_samples(ep, xyz_world, valid, moving, group_id, segments, config, gt)
+    samples, sample_track = pack_samples(samples)
     return EpisodeTraces(
         episode=ep,
         query_uv_px=query_uv,
@@ -450,6 +493,7 @@ def extract_episode(
         segments=segments,
         captions=captions,
         samples=samples,
+        sample_track=sample_track,
         gt_xyz_world=gt,
         seconds=time.perf_counter() - start_time,
         num_points=config.num_points,
