@@ -64,6 +64,10 @@ def test_lk_tracks_known_motion_to_subpixel():
     assert tracks.visible[:, :2].all()
     err = np.linalg.norm(tracks.uv_px - expected, axis=-1)[tracks.visible]
     assert np.median(err) < 0.1 and err.max() < 0.5
+    # Queried mid-episode, the same points are followed backward and forward.
+    mid = make_tracker("lk").track(ep.rgb, expected[MOVE_FRAMES], query_frame=MOVE_FRAMES)
+    assert mid.visible[:, :2].all() and (mid.query_frame == MOVE_FRAMES).all()
+    np.testing.assert_allclose(mid.uv_px[:, :2], tracks.uv_px[:, :2], atol=0.05)
 
 
 def test_lift_aligns_a_moving_camera_in_one_world_frame():
