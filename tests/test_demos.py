@@ -30,6 +30,45 @@ def test_demonstrator_succeeds_on_panda(demos, task):
     assert steps <= envs.MAX_EPISODE_STEPS[task]
 
 
+# Seeds that failed before the grasp planning: the Kinova3 could not reach the can's
+# compartment; the Panda's wrist hit its limits and the UR5e's fingers its forearm on the
+# door lever.
+@pytest.mark.parametrize(
+    ("task", "robot", "seed"),
+    [("PickPlaceCan", "Kinova3", 0), ("Door", "Panda", 2), ("Door", "UR5e", 0)],
+)
+def test_demonstrator_succeeds_on_former_failures(demos, task, robot, seed):
+    from envs.robosuite_env import RobosuiteTraceEnv
+
+    env = RobosuiteTraceEnv(task, robot, render_images=False)
+    try:
+        succeeded, steps = demos.run_episode(env, seed=seed)
+    finally:
+        env.close()
+    assert succeeded, f"{task} demonstrator failed on {robot}, seed {seed}, after {steps} steps"
+
+
+def test_door_grasp_is_planned_within_reach_and_limits(demos):
+    from envs.robosuite_env import RobosuiteTraceEnv
+
+    env = RobosuiteTraceEnv("Door", "Kinova3", render_images=False)
+    demo = demos.make_demonstrator("Door")
+    try:
+        env.reset(seed=1)
+        while demo.phase in ("start", "open"):
+            env.step(demo(env))
+        infeasible, too_close, neg_margin, _ = demo.memory["plan_score"]
+        # Every pose of the plan reachable, the hand clear of the scene, and the chosen
+        # grasp the one with the most room at the joints among the feasible ones.
+        assert infeasible == 0.0 and too_close == 0.0 and -neg_margin > 0.1
+        ik = demos.ArmKinematics(env)
+        scores = [demo._plan_score(env, ik, R, a) for R, a in demo._grasp_candidates(env)]
+        best_margin = max(-score[2] for score in scores if score[0] == 0.0)
+        assert -neg_margin == pytest.approx(best_margin, abs=1e-3)
+    finally:
+        env.close()
+
+
 def test_demonstrator_drives_a_gymnasium_env(demos):
     gymnasium = pytest.importorskip("gymnasium")
     envs.register_all()
