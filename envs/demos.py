@@ -427,14 +427,21 @@ class PickAndPlace(ScriptedDemonstrator):
             return action
         if self.phase == "descend":
             target = grasp_pos.copy()
+            xy_err = float(np.linalg.norm(grasp_pos[:2] - eef_pos[:2]))
             hold_z = self.memory.setdefault("descend_from_z", float(eef_pos[2]))
-            if np.linalg.norm(grasp_pos[:2] - eef_pos[:2]) > 0.006:
+            xy_err_0 = self.memory.setdefault("descend_from_xy_err", xy_err)
+            held = self.memory.get("descend_held", 0)
+            if xy_err > xy_err_0 + 0.008 and held < 12:
                 # Some arms drift sideways on the way down: stop going down until back over
-                # the grasp, or the open fingers land on the object.
+                # the grasp, or the open fingers land on the object. At the edge of its
+                # reach an arm may not get back: after a while, go down anyway.
                 target[2] = max(target[2], min(hold_z, eef_pos[2]))
+                self.memory["descend_held"] = held + 1
             action, err = self.servo(env, target, R, OPEN, max_step_m=0.01)
             if err < 0.005 or self.phase_steps > 60:
                 self.memory.pop("descend_from_z")
+                self.memory.pop("descend_from_xy_err")
+                self.memory.pop("descend_held", None)
                 self._goto("close")
             return action
         if self.phase == "close":
