@@ -10,6 +10,12 @@ demonstrations and to give the trace pipeline episodes with known outcomes.
     while not info["success"]:
         obs, reward, terminated, truncated, info = env.step(demo(env))
 
+Where an object allows several grasps (a cube every quarter turn, a can at any yaw, a
+door lever from a few directions), the demonstrator takes one the arm can follow
+through the whole task, checked beforehand with inverse kinematics on a scratch copy of
+the simulation (``ArmKinematics``): reachable, clear of joint limits, the open hand clear
+of everything but the object. Grasps that come away empty are retried.
+
 Run `python -m envs.demos --episodes 50` to measure success per task × robot (no
 images are rendered: the physics is the same and it is ~7x faster).
 """
@@ -34,7 +40,8 @@ from envs import MAX_EPISODE_STEPS, ROBOTS, TASKS
 from envs.robosuite_env import RobosuiteTraceEnv
 
 # Grip site pointing down (its z along world -z), fingers closing along a world
-# horizontal axis: the rest pose of all four robots' grippers, made exact.
+# horizontal axis: near the rest pose of the grippers (the Panda's is a quarter turn
+# about the vertical from it; grasps are chosen among equivalent turns, see below).
 R_WORLD_DOWN = np.diag([1.0, -1.0, -1.0])
 
 OPEN, CLOSE = -1.0, 1.0
