@@ -124,7 +124,7 @@ class GroundTruthTraces:
         self.shadow.close()
 
 
-def _hold(proprio: np.ndarray, last_gripper: float) -> np.ndarray:
+def _hold(last_gripper: float) -> np.ndarray:
     a = np.zeros(7, np.float32)
     a[6] = last_gripper
     return a
@@ -169,8 +169,9 @@ def run_episode(
         qb.observe(obs["proprio"][:3])
         T_base_cam = obs["T_base_cam"].astype(np.float64)
         need_chunk = len(queue) <= expert.chunk - expert.execute or not queue
+        # μ0 gets every frame (newest wins); the oracle needs queries only for a new chunk.
         wire = None
-        if condition != "no_trace":
+        if condition == "mu0" or (condition == "oracle" and need_chunk):
             wire = qb.build(
                 obs["rgb"], obs["depth_m"], obs["intrinsics"], T_base_cam, obs["instruction"]
             )
@@ -219,7 +220,7 @@ def run_episode(
         if queue:
             action = queue.popleft()[1]
         else:
-            action = _hold(obs["proprio"], last_gripper)
+            action = _hold(last_gripper)
             res.held_steps += 1
         last_gripper = float(action[6])
         if record_frames:

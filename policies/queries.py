@@ -7,7 +7,7 @@ current image where depth is valid (objects, their edges, the arm), topped up wi
 the image has few corners. Scene points carry no history (only the current step is valid),
 which pretraining covers with its history-masking augmentation.
 
-Everything here is numpy (and OpenCV for corners): it runs on the robot's computer.
+Frames go through ``mu0_core.geometry``; corners come from OpenCV.
 """
 
 from __future__ import annotations
@@ -17,32 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.model_api import HISTORY_STEPS
+from mu0_core.geometry import invert_transform, transform_points, xyz_to_uvz
+from runtime.model_api import HISTORY_STEPS, uvz_to_xyz_cam
 
 DEFAULT_SCENE_POINTS = 32
-
-
-def _inv(T: np.ndarray) -> np.ndarray:
-    R, t = T[:3, :3], T[:3, 3]
-    out = np.eye(4)
-    out[:3, :3] = R.T
-    out[:3, 3] = -R.T @ t
-    return out
-
-
-def _apply(T: np.ndarray, p: np.ndarray) -> np.ndarray:
-    return p @ T[:3, :3].T + T[:3, 3]
-
-
-def cam_to_uvz(xyz_cam: np.ndarray, intrinsics: np.ndarray, width: int, height: int) -> np.ndarray:
-    """OpenCV camera-frame points [..., 3] → (normalised u, normalised v, z) [..., 3]."""
-    fx, fy, cx, cy = (float(x) for x in intrinsics)
-    z = np.maximum(xyz_cam[..., 2], 1e-6)
-    u_px = fx * xyz_cam[..., 0] / z + cx
-    v_px = fy * xyz_cam[..., 1] / z + cy
-    return np.stack(
-        [(2 * u_px + 1) / width - 1, (2 * v_px + 1) / height - 1, xyz_cam[..., 2]], axis=-1
-    ).astype(np.float32)
 
 
 def scene_points(
@@ -105,12 +83,14 @@ class QueryBuilder:
         if not self._eef:
             raise RuntimeError("QueryBuilder.build before any observe(eef_pos_base)")
         H, W = depth_m.shape
-        T_cam_base = _inv(np.asarray(T_base_cam, np.float64))
+        T_cam_base = invert_transform(np.asarray(T_base_cam, np.float64))
         T = HISTORY_STEPS
         eef = np.stack(list(self._eef))  # [k, 3], oldest first
         k = len(eef)
         grip_uvz = np.zeros((T, 3), np.float32)
-        grip_uvz[T - k :] = cam_to_uvz(_apply(T_cam_base, eef), intrinsics, W, H)
+        grip_uvz[T - k :] = xyz_to_uvz(
+            transform_points(T_cam_base, eef), np.asarray(intrinsics, np.float64), (W, H)
+        )
         grip_valid = np.zeros(T, bool)
         grip_valid[T - k :] = True
 
@@ -138,17 +118,11 @@ class QueryBuilder:
 
 def traces_to_base(traces_xyz_cam: np.ndarray, T_base_cam: np.ndarray) -> np.ndarray:
     """float32[N, H, 3] camera-frame traces → the robot base frame."""
-    return _apply(np.asarray(T_base_cam, np.float64), traces_xyz_cam.astype(np.float64)).astype(
-        np.float32
-    )
+    T = np.asarray(T_base_cam, np.float64)
+    return transform_points(T, traces_xyz_cam.astype(np.float64)).astype(np.float32)
 
 
 def query_points_cam(obs: dict[str, Any]) -> np.ndarray:
     """The current 3D position (camera frame) of every query of a wire observation: [N, 3]."""
     H, W = obs["depth_m"].shape
-    uvz = obs["hist_uvz"][:, -1]
-    fx, fy, cx, cy = (float(x) for x in obs["intrinsics"])
-    u_px = ((uvz[:, 0] + 1) * W - 1) / 2
-    v_px = ((uvz[:, 1] + 1) * H - 1) / 2
-    z = uvz[:, 2]
-    return np.stack([(u_px - cx) * z / fx, (v_px - cy) * z / fy, z], -1)
+    return uvz_to_xyz_cam(obs["hist_uvz"][:, -1], obs["intrinsics"], W, H)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from mu0_core.geometry import xyz_to_uvz
 from policies import ActionExpert, ExpertObservation, expert_config, load_expert, save_expert
 from policies.control import wilson_interval
-from policies.queries import QueryBuilder, cam_to_uvz, traces_to_base
+from policies.queries import QueryBuilder, traces_to_base
 
 INSTR = ["pick up the cube", "stack the red cube on the green cube"]
 
@@ -147,7 +148,9 @@ def test_gripper_query_projects_to_its_pixel():
     back = traces_to_base(np.array([[[0.02, 0.02, 0.6]]], np.float32), T_base_cam)
     np.testing.assert_allclose(back[0, 0], eef[-1], atol=1e-6)
     np.testing.assert_allclose(
-        cam_to_uvz(np.array([0.0, 0.0, 2.0]), intr, W, H), [0.0, 0.0, 2.0], atol=1e-6
+        xyz_to_uvz(np.array([0.0, 0.0, 2.0]), intr.astype(np.float64), (W, H)),
+        [0.0, 0.0, 2.0],
+        atol=1e-6,
     )
 
 
