@@ -151,8 +151,10 @@ def _zmq_loop(
     duration_s: float,
     warmup: int = 20,
     infer_ms: list[float] | None = None,
+    start: threading.Barrier | None = None,
 ) -> list[float]:
-    """Round trips in seconds; the server's own model time per reply goes into ``infer_ms``."""
+    """Round trips in seconds; the server's own model time per reply goes into ``infer_ms``.
+    With ``start``, the timed loop begins once every client has finished its warm-up."""
     from runtime.client import TraceClient
 
     latencies = []
@@ -160,6 +162,8 @@ def _zmq_loop(
     with TraceClient(address, timeout_s=60) as client:
         for _ in range(warmup):
             client.predict(obs)
+        if start is not None:
+            start.wait()
         end = time.monotonic() + duration_s
         while time.monotonic() < end:
             t0 = time.perf_counter()
@@ -170,35 +174,21 @@ def _zmq_loop(
     return latencies
 
 
-def _ws_loop(port: int, obs: dict, duration_s: float, warmup: int = 20) -> list[float]:
-    from websockets.sync.client import connect
-
-    latencies = []
-    with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
-        _ws_unpack(ws.recv())  # metadata
-        for _ in range(warmup):
-            ws.send(_ws_pack(obs))
-            _ws_unpack(ws.recv())
-        end = time.monotonic() + duration_s
-        while time.monotonic() < end:
-            t0 = time.perf_counter()
-            ws.send(_ws_pack(obs))
-            _ws_unpack(ws.recv())
-            latencies.append(time.perf_counter() - t0)
-    return latencies
-
-
 def _many_clients(address: str, clients: int, obs: dict, duration_s: float) -> dict[str, float]:
+    """``clients`` threads, each with its own client, warm up, then send back to back for
+    ``duration_s``; throughput counts only the timed requests over the timed span."""
     results: list[list[float]] = [[] for _ in range(clients)]
     infer_ms: list[float] = []
+    start = threading.Barrier(clients + 1)
 
     def run(i: int) -> None:
-        results[i] = _zmq_loop(address, obs, duration_s, warmup=5, infer_ms=infer_ms)
+        results[i] = _zmq_loop(address, obs, duration_s, warmup=3, infer_ms=infer_ms, start=start)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    t0 = time.monotonic()
     for t in threads:
         t.start()
+    start.wait()
+    t0 = time.monotonic()
     for t in threads:
         t.join()
     elapsed = time.monotonic() - t0
@@ -208,11 +198,41 @@ def _many_clients(address: str, clients: int, obs: dict, duration_s: float) -> d
 
 
 def _transport_vs_websocket(obs: dict, duration_s: float) -> dict[str, Any]:
-    """Round trips with a model that does nothing: ZeroMQ server vs an openpi-style websocket."""
-    with _server_process("zmq-serve", "--compute-ms", "0") as port:
-        transport = _summary(_zmq_loop(f"tcp://127.0.0.1:{port}", obs, duration_s), duration_s)
-    with _server_process("ws-serve", "--compute-ms", "0") as port:
-        websocket = _summary(_ws_loop(port, obs, duration_s), duration_s)
+    """Round trips with a model that does nothing: the ZeroMQ server against an openpi-style
+    websocket server, both up at once and asked in turn, one request each, so that both
+    see the same machine."""
+    from websockets.sync.client import connect
+
+    from runtime.client import TraceClient
+
+    zmq_ms: list[float] = []
+    ws_ms: list[float] = []
+    with (
+        _server_process("zmq-serve", "--compute-ms", "0") as zmq_port,
+        _server_process("ws-serve", "--compute-ms", "0") as ws_port,
+        TraceClient(f"tcp://127.0.0.1:{zmq_port}", timeout_s=10) as client,
+        connect(f"ws://127.0.0.1:{ws_port}", compression=None, max_size=None) as ws,
+    ):
+        _ws_unpack(ws.recv())  # metadata
+
+        def ws_predict() -> None:
+            ws.send(_ws_pack(obs))
+            _ws_unpack(ws.recv())
+
+        for _ in range(20):  # warm-up
+            client.predict(obs)
+            ws_predict()
+        t_start = time.monotonic()
+        while time.monotonic() - t_start < 2 * duration_s:
+            t0 = time.perf_counter()
+            client.predict(obs)
+            t1 = time.perf_counter()
+            ws_predict()
+            t2 = time.perf_counter()
+            zmq_ms.append(t1 - t0)
+            ws_ms.append(t2 - t1)
+    transport = _summary(zmq_ms, sum(zmq_ms))
+    websocket = _summary(ws_ms, sum(ws_ms))
     return {
         "transport_p50_ms": transport["p50_ms"],
         "transport_p99_ms": transport["p99_ms"],

@@ -143,6 +143,7 @@ class TraceClient:
         self._ids = itertools.count(1)
         self._backoff = _Backoff(backoff_initial_s, backoff_max_s)
         self._sock = self._new_socket()
+        self._rcvtimeo_ms = -1  # RCVTIMEO last set on self._sock
         self.reconnects = 0
         # streaming state
         self._lock = threading.Lock()
@@ -176,6 +177,7 @@ class TraceClient:
         self._backoff.failed()
         sock.close(linger=0)
         self.reconnects += 1
+        self._rcvtimeo_ms = -1
         return self._new_socket()
 
     def _send(self, sock: zmq.Socket, kind: Kind, body: dict[str, Any]) -> int:
@@ -183,8 +185,8 @@ class TraceClient:
         sock.send_multipart(wire.encode(wire.request(kind, request_id, body)), copy=False)
         return request_id
 
-    def _recv(self, sock: zmq.Socket) -> dict[str, Any]:
-        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+    def _recv(self, sock: zmq.Socket, flags: int = zmq.NOBLOCK) -> dict[str, Any]:
+        frames = sock.recv_multipart(flags, copy=False)
         header = wire.decode(frames, self.max_message_bytes)
         wire.check_header(header, _REPLY_KINDS)
         return header
@@ -197,12 +199,20 @@ class TraceClient:
         request_id = self._send(self._sock, kind, body)
         while True:
             remaining_ms = (deadline - time.monotonic()) * 1e3
-            if remaining_ms <= 0 or not self._sock.poll(max(1, int(remaining_ms)), zmq.POLLIN):
+            # A blocking receive bounded by RCVTIMEO: one wake-up fewer than poll-then-recv.
+            # The first wait uses the whole timeout, so RCVTIMEO is set only when it changes.
+            timeout_ms = max(1, int(remaining_ms + 0.5))
+            if self._rcvtimeo_ms != timeout_ms:
+                self._sock.rcvtimeo = self._rcvtimeo_ms = timeout_ms
+            try:
+                header = self._recv(self._sock, 0) if remaining_ms > 0 else None
+            except zmq.Again:
+                header = None
+            if header is None:
                 if time.monotonic() < deadline:
                     continue
                 self._sock = self._recreate(self._sock)
                 raise TimeoutError(f"no reply from {self.address} within {timeout_s:.3g} s")
-            header = self._recv(self._sock)
             if header["id"] != request_id:
                 continue  # a late answer to an earlier, abandoned request
             self._backoff.succeeded()

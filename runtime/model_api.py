@@ -143,15 +143,15 @@ class EchoTraceModel:
             time.sleep(self.compute_s)
         out = []
         for obs in observations:
-            current = obs["hist_uvz"][:, -1, :]  # [N, 3]
-            N = current.shape[0]
-            traces_uvz = np.repeat(current[:, None, :], self.horizon, axis=1)  # [N, H, 3]
+            current = np.asarray(obs["hist_uvz"][:, -1, :], dtype=np.float32)  # [N, 3]
             H_img, W_img = obs["rgb"].shape[:2]
+            xyz = uvz_to_xyz_cam(current, obs["intrinsics"], W_img, H_img)
+            shape = (current.shape[0], self.horizon, 3)  # every step repeats the current one
             out.append(
                 {
-                    "traces_uvz": traces_uvz.astype(np.float32),
-                    "traces_xyz_cam": uvz_to_xyz_cam(traces_uvz, obs["intrinsics"], W_img, H_img),
-                    "done": np.zeros((N, self.horizon), dtype=bool),
+                    "traces_uvz": np.ascontiguousarray(np.broadcast_to(current[:, None], shape)),
+                    "traces_xyz_cam": np.ascontiguousarray(np.broadcast_to(xyz[:, None], shape)),
+                    "done": np.zeros(shape[:2], dtype=bool),
                 }
             )
         return out

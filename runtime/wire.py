@@ -10,6 +10,7 @@ either side. Nothing here imports zmq, torch or pickle: this module is the contr
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -222,7 +223,7 @@ def _decode_array(spec: dict[str, Any], views: list[memoryview], used: set[int])
         raise WireError(ErrorCode.MALFORMED, f"array frame {k} is referenced twice")
     used.add(k)
     dtype = SUPPORTED_DTYPES[name]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if views[k].nbytes != expected:
         raise WireError(
             ErrorCode.BAD_SHAPE,

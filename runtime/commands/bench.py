@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
         "server", help="trace server: transport, websocket baseline, tiny μ0, batching"
     )
     srv.add_argument("--duration-s", type=float, default=2.0, help="seconds per measurement")
+    srv.add_argument(
+        "--rounds", type=int, default=60, help="interleaved sample()/server rounds (tiny μ0)"
+    )
     srv.add_argument("--json", type=Path, default=None, help="write the figures here")
     srv.set_defaults(func=run_server)
     from runtime.commands.bench_calibration import add_bench_parser as add_calibration
@@ -90,16 +93,12 @@ def _print_row(name: str, r: dict, queries: tuple[int, ...]) -> None:
 def run_server(args: argparse.Namespace) -> int:
     """Transport alone (trivial model) against a websocket server, then the tiny μ0 behind the
     server: end-to-end latency, the model's own latency in the same run, and batching."""
-    import numpy as np
     import torch
 
     from mu0_core.types import TraceQuery
     from runtime.bench_server import run_server_bench
     from runtime.model_api import make_observation
-    from runtime.mu0_adapter import tiny_untrained
 
-    # The model's own sample() latency on the same observation, measured first (main thread,
-    # nothing else of ours running), in this run on this machine.
     obs = make_observation(num_queries=16, image_size=(224, 224), depth=True)
     query = TraceQuery(
         rgb=obs["rgb"],
@@ -108,16 +107,8 @@ def run_server(args: argparse.Namespace) -> int:
         intrinsics=tuple(float(x) for x in obs["intrinsics"]),
         depth_m=obs["depth_m"],
     )
-    model = tiny_untrained().model
-    for _ in range(3):
-        model.sample(query)
-    times = []
-    for _ in range(30):
-        t = time.perf_counter()
-        model.sample(query)
-        times.append(time.perf_counter() - t)
-    sample_p50 = float(np.percentile(np.asarray(times) * 1e3, 50))
-    del model
+    print("tiny μ0: sample() here and end-to-end through the server, interleaved ...", flush=True)
+    overhead = _interleaved_overhead(query, obs, rounds=args.rounds)
 
     print("transport (trivial model) and websocket baseline ...", flush=True)
     echo = run_server_bench(args.duration_s, compute_ms=5.0)
@@ -131,17 +122,11 @@ def run_server(args: argparse.Namespace) -> int:
     def row(table, clients, batching):
         return next(r for r in table if r["clients"] == clients and r["batching"] == batching)
 
-    e2e = row(mu0["table"], 1, False)
     result = {
         **{k: v for k, v in echo.items() if k not in ("table", "model")},
         "echo_table": echo["table"],
         "mu0_table": mu0["table"],
-        "mu0_e2e_p50_ms": e2e["p50_ms"],
-        "mu0_sample_p50_ms": round(sample_p50, 3),
-        "server_overhead_p50_ms": round(e2e["p50_ms"] - sample_p50, 3),
-        # The same difference against the model time the server itself measured per request.
-        "mu0_server_infer_p50_ms": e2e["server_infer_p50_ms"],
-        "server_overhead_vs_infer_p50_ms": round(e2e["p50_ms"] - e2e["server_infer_p50_ms"], 3),
+        **overhead,
         "batching_speedup_16": round(
             row(mu0["table"], 16, True)["throughput_hz"]
             / row(mu0["table"], 16, False)["throughput_hz"],
@@ -162,7 +147,7 @@ def run_server(args: argparse.Namespace) -> int:
         f"tiny μ0: end-to-end p50 {result['mu0_e2e_p50_ms']:.2f} ms, sample() p50 "
         f"{result['mu0_sample_p50_ms']:.2f} ms -> server adds {result['server_overhead_p50_ms']:.2f} ms "
         f"(vs the server's own model time {result['mu0_server_infer_p50_ms']:.2f} ms: "
-        f"{result['server_overhead_vs_infer_p50_ms']:.2f} ms)"
+        f"{result['server_overhead_vs_infer_p50_ms']:.2f} ms; {result['overhead_rounds']} interleaved rounds)"
     )
     print(
         f"batching at 16 clients: tiny μ0 {result['batching_speedup_16']:.2f}x, "
@@ -177,3 +162,40 @@ def run_server(args: argparse.Namespace) -> int:
             )
     write_json(args.json, result)
     return 0
+
+
+def _interleaved_overhead(query, obs: dict, rounds: int) -> dict[str, float]:
+    """What the server adds to the tiny μ0: direct ``sample()`` calls in this process and
+    round trips through a server (batching off) serving the same weights, alternated one
+    by one so that both see the same machine, then compared at p50."""
+    import numpy as np
+
+    from runtime.bench_server import _server_process
+    from runtime.client import TraceClient
+    from runtime.mu0_adapter import tiny_untrained
+
+    model = tiny_untrained().model
+    direct, e2e, infer = [], [], []
+    factory = ("--factory", "runtime.mu0_adapter:tiny_untrained")
+    with _server_process("zmq-serve", "--window-ms", "0", "--max-batch", "1", *factory) as port:
+        with TraceClient(f"tcp://127.0.0.1:{port}", timeout_s=60) as client:
+            for i in range(rounds + 3):  # the first 3 rounds warm both up
+                t0 = time.perf_counter()
+                model.sample(query)
+                t1 = time.perf_counter()
+                reply = client.predict(obs)
+                t2 = time.perf_counter()
+                if i >= 3:
+                    direct.append((t1 - t0) * 1e3)
+                    e2e.append((t2 - t1) * 1e3)
+                    infer.append(reply.timings["infer_ms"])
+    p50 = {name: float(np.median(v)) for name, v in (("d", direct), ("e", e2e), ("i", infer))}
+    return {
+        "mu0_e2e_p50_ms": round(p50["e"], 3),
+        "mu0_sample_p50_ms": round(p50["d"], 3),
+        "server_overhead_p50_ms": round(p50["e"] - p50["d"], 3),
+        # The same difference against the model time the server itself measured per request.
+        "mu0_server_infer_p50_ms": round(p50["i"], 3),
+        "server_overhead_vs_infer_p50_ms": round(p50["e"] - p50["i"], 3),
+        "overhead_rounds": rounds,
+    }
