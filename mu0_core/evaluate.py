@@ -63,6 +63,22 @@ class Predictor:
         return out["traces_uvz"].float()
 
 
+# A point "moves" when its true position gets this far from where it is now within the horizon.
+MOVING_THRESHOLD_M = 0.02
+
+
+def moving_points(batch: TraceBatch, threshold_m: float = MOVING_THRESHOLD_M) -> torch.Tensor:
+    """bool [B, N]: real points whose true future leaves a ``threshold_m`` ball around their
+    current position (camera frame) at some valid step. Most points of a tabletop scene
+    never move, which flatters a model that predicts stillness; these are the others."""
+    xyz = uvz_to_xyz(batch.future_uvz, batch.intrinsics, batch.image_size)  # [B, N, H, 3]
+    cur = uvz_to_xyz(batch.hist_uvz[:, :, -1:], batch.intrinsics, batch.image_size)
+    dist = (xyz - cur).norm(dim=-1).masked_fill(~batch.future_valid.bool(), 0.0)
+    return (
+        batch.point_mask.bool() & batch.hist_valid[:, :, -1].bool() & (dist.amax(-1) > threshold_m)
+    )
+
+
 def _shape_metrics(pred: torch.Tensor, batch: TraceBatch) -> dict[str, float]:
     """DTW (summed distance along the path), discrete Fréchet (3D, m) and smoothness."""
     args = (pred, batch.future_uvz, batch.future_valid, batch.intrinsics, batch.image_size)
@@ -85,6 +101,7 @@ def evaluate(
     weights: dict[str, dict[str, float]] = {p.name: defaultdict(float) for p in predictors}
     for k, batch in enumerate(tqdm(make_batches(), desc="eval", leave=False)):
         n_pts = float((batch.future_valid.any(-1) & batch.point_mask).sum())
+        moving = moving_points(batch)
         for p in predictors:
             pred = p(batch, seed + k)
             m = trace_metrics(
@@ -97,6 +114,18 @@ def evaluate(
                 point_mask=batch.point_mask,
             )
             m.update(_shape_metrics(pred, batch))
+            m["moving_share"] = float(moving.sum()) / max(n_pts, 1.0)
+            if bool(moving.any()):
+                m_moving = trace_metrics(
+                    pred,
+                    batch.future_uvz,
+                    batch.future_valid,
+                    batch.intrinsics,
+                    batch.image_size,
+                    horizons=HORIZONS,
+                    point_mask=moving,
+                )
+                m.update({f"moving_{k}": v for k, v in m_moving.items()})
             if num_samples_k > 1 and p.kind == "model" and p.model.objective == "flow":
                 preds = torch.stack(
                     [p(batch, seed + 1000 * (j + 1) + k) for j in range(num_samples_k)]
@@ -110,10 +139,11 @@ def evaluate(
                     point_mask=batch.point_mask,
                 )
             for key, v in m.items():
-                if key.startswith("num_points") or not np.isfinite(v):
+                if "num_points" in key or not np.isfinite(v):
                     continue
+                prefix = "moving_" if key.startswith("moving_") else ""
                 w = (
-                    float(m.get(f"num_points_h{key.rsplit('_h', 1)[-1]}", n_pts))
+                    float(m.get(f"{prefix}num_points_h{key.rsplit('_h', 1)[-1]}", n_pts))
                     if "_h" in key
                     else n_pts
                 )
@@ -132,6 +162,9 @@ TABLE_COLUMNS = [
     ("fde3d_m_h32", "FDE3D@32 mm", 1e3),
     ("ade_px_h32", "ADE px@32", 1.0),
     ("ade_depth_m_h32", "ADE depth@32 mm", 1e3),
+    ("moving_share", "moving pts %", 100.0),
+    ("moving_ade3d_m_h32", "moving ADE3D@32 mm", 1e3),
+    ("moving_fde3d_m_h32", "moving FDE3D@32 mm", 1e3),
     ("dtw3d_m", "DTW mm", 1e3),
     ("frechet3d_m", "Fréchet mm", 1e3),
 ]

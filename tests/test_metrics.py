@@ -214,3 +214,35 @@ def test_smoothness_by_hand():
     assert s["accel"] == pytest.approx(0.0) and s["jerk"] == pytest.approx(0.0)
     assert metrics.smoothness(line)["jerk"] > 10
     assert math.isnan(metrics.smoothness(line[:3])["jerk"])
+
+
+def test_moving_points_and_their_own_metrics_in_evaluate():
+    """Point 0 moves 20+ cm, point 1 stays put, point 2 is padding: only point 0 counts as
+    moving, and the static baseline's moving-point ADE is that point's error alone."""
+    from mu0_core.evaluate import Predictor, evaluate, moving_points
+    from mu0_core.types import TraceBatch
+
+    xyz = gt_xyz(B=2, N=3)
+    xyz[:, 1] = xyz[:, 1, :1]  # point 1 never leaves where it starts
+    future = to_uvz(xyz).float()
+    hist = future[:, :, :1].expand(2, 3, 8, 3).clone()  # current position = future step 0
+    batch = TraceBatch(
+        hist_uvz=hist,
+        hist_valid=torch.ones(2, 3, 8, dtype=torch.bool),
+        future_uvz=future,
+        future_valid=torch.ones(2, 3, 32, dtype=torch.bool),
+        point_mask=torch.tensor([[True, True, False]] * 2),
+        intrinsics=INTR.float(),
+        image_size=SIZE,
+        instructions=["x", "x"],
+    )
+    moving = moving_points(batch)
+    assert moving.tolist() == [[True, False, False]] * 2
+    res = evaluate([Predictor("static", kind="static")], lambda: [batch])["static"]
+    assert res["moving_share"] == pytest.approx(0.5)
+    # Static error of point 0 alone: its distance from the start, averaged over the steps.
+    err0 = (xyz[0, 0] - xyz[0, 0, :1]).norm(dim=-1)
+    assert res["moving_ade3d_m_h32"] == pytest.approx(float(err0.mean()), rel=1e-4)
+    assert res["moving_fde3d_m_h32"] == pytest.approx(float(err0[-1]), rel=1e-4)
+    # Over all points the still one halves it.
+    assert res["ade3d_m_h32"] == pytest.approx(float(err0.mean()) / 2, rel=1e-4)
