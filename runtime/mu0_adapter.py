@@ -98,13 +98,13 @@ class Mu0TraceModel:
         image_size = torch.zeros(B, 2)
         for i, o in enumerate(observations):
             n = counts[i]
-            hist[i, :n] = torch.from_numpy(o["hist_uvz"])
+            hist[i, :n] = torch.tensor(o["hist_uvz"])  # copies: wire arrays are read-only
             hv = o.get("hist_valid")
-            valid[i, :n] = torch.from_numpy(hv) if hv is not None else True
+            valid[i, :n] = torch.tensor(hv) if hv is not None else True
             point_mask[i, :n] = True
             g = torch.Generator().manual_seed(self.seed)
             noise[i, :n] = torch.randn(n, model.num_free, 3, generator=g)
-            intrinsics[i] = torch.from_numpy(o["intrinsics"])
+            intrinsics[i] = torch.tensor(o["intrinsics"])
             image_size[i] = torch.tensor(
                 [o["rgb"].shape[1], o["rgb"].shape[0]], dtype=torch.float32
             )
