@@ -151,15 +151,36 @@ def build_expert_dataset(
             f"recordings mix robots (proprio sizes {sorted(dims)}): one robot per expert"
         )
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    # The index of each sample's episode's first sample (traces may be taken from earlier
+    # samples of the same episode, never across episodes).
+    lengths = [len(p["proprio"]) for p in parts]
+    starts = np.cumsum([0, *lengths[:-1]])
+    out["episode_start"] = np.repeat(starts, lengths)
     out["instructions"] = sorted(set(out["instruction"].tolist()))
     return out
 
 
-def to_tensors(data: dict[str, Any], idx: np.ndarray, instructions: list[str], device) -> dict:
+def lagged_indices(
+    idx: np.ndarray, episode_start: np.ndarray, max_lag: int, rng: np.random.Generator
+) -> np.ndarray:
+    """For samples ``idx``, samples up to ``max_lag`` earlier in the same episode (uniform)."""
+    lag = rng.integers(0, max_lag + 1, size=len(idx))
+    return np.maximum(idx - lag, episode_start[idx])
+
+
+def to_tensors(
+    data: dict[str, Any],
+    idx: np.ndarray,
+    instructions: list[str],
+    device,
+    trace_idx: np.ndarray | None = None,
+) -> dict:
+    """Samples ``idx`` as tensors; their traces from samples ``trace_idx`` (default: the same)."""
     ids = np.array([instructions.index(s) for s in data["instruction"][idx]])
+    tr = idx if trace_idx is None else trace_idx
     return {
-        "traces": torch.from_numpy(data["traces"][idx].astype(np.float32)).to(device),
-        "trace_valid": torch.from_numpy(data["trace_valid"][idx]).to(device),
+        "traces": torch.from_numpy(data["traces"][tr].astype(np.float32)).to(device),
+        "trace_valid": torch.from_numpy(data["trace_valid"][tr]).to(device),
         "proprio": torch.from_numpy(data["proprio"][idx]).to(device),
         "instruction_ids": torch.from_numpy(ids).to(device),
         "actions": torch.from_numpy(data["actions"][idx]).to(device),

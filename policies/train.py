@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mu0_core.pretrain import setup_distributed
 from policies.base import ActionExpert, save_expert
-from policies.data import build_expert_dataset, to_tensors
+from policies.data import build_expert_dataset, lagged_indices, to_tensors
 from policies.registry import expert_config
 
 
@@ -35,6 +35,10 @@ class ExpertTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     stride: int = 2
+    # Traces reach the loop late (the server's round trip, then a chunk lasts `execute`
+    # steps): each sample's traces come from a frame up to this many frames earlier of the
+    # same episode, so the expert learns to act on traces a little behind the robot.
+    max_trace_lag: int = 4
     seed: int = 0
     device: str = "auto"
     val_share: float = 0.1
@@ -113,7 +117,8 @@ def train_expert(cfg: ExpertTrainConfig, progress: bool = True) -> Path:
     for step in bar:
         idx = rng.choice(train_idx, size=cfg.batch_size, replace=len(train_idx) < cfg.batch_size)
         idx = idx[info.rank * per_rank : (info.rank + 1) * per_rank]
-        batch = to_tensors(data, idx, instructions, device)
+        trace_idx = lagged_indices(idx, data["episode_start"], cfg.max_trace_lag // cfg.stride, rng)
+        batch = to_tensors(data, idx, instructions, device, trace_idx=trace_idx)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = (model.module if info.world > 1 else model).loss(batch)
         opt.zero_grad(set_to_none=True)
@@ -146,6 +151,7 @@ def train_expert(cfg: ExpertTrainConfig, progress: bool = True) -> Path:
                 "mu0_checkpoint": cfg.checkpoint,
                 "samples": int(S),
                 "steps": cfg.steps,
+                "max_trace_lag": cfg.max_trace_lag,
                 "train_seconds": round(time.time() - t0, 1),
                 "final_val_loss": metrics[-1].get("val_loss"),
             },

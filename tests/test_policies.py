@@ -200,3 +200,16 @@ def test_control_loop_conditions_in_simulation(tmp_path):
     env.close()
     with pytest.raises(ValueError, match="needs a trace client"):
         run_episode(env, expert, "mu0", 0)
+
+
+def test_lagged_trace_indices_stay_in_their_episode():
+    from policies.data import lagged_indices
+
+    starts = np.repeat([0, 5, 12], [5, 7, 3])  # three episodes of 5, 7 and 3 samples
+    rng = np.random.default_rng(0)
+    idx = np.arange(15).repeat(50)
+    lagged = lagged_indices(idx, starts, 2, rng)
+    assert np.all(lagged <= idx) and np.all(idx - lagged <= 2)
+    assert np.all(lagged >= starts[idx])  # never reaches into the previous episode
+    assert set(np.unique(idx - lagged)) == {0, 1, 2}  # every lag occurs
+    assert np.array_equal(lagged_indices(idx, starts, 0, rng), idx)

@@ -20,6 +20,12 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--stride", type=int, default=2, help="a sample every this many frames")
+    p.add_argument(
+        "--max-trace-lag",
+        type=int,
+        default=4,
+        help="train on traces from up to this many frames earlier (they arrive late at run time)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
@@ -41,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             lr=args.lr,
             stride=args.stride,
+            max_trace_lag=args.max_trace_lag,
             seed=args.seed,
             device=args.device,
         )
