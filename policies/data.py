@@ -11,6 +11,7 @@ in one safetensors file, so retraining an expert costs no μ0 call.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,10 @@ def build_expert_dataset(
     parts: list[dict[str, np.ndarray]] = []
     bar = tqdm(jobs, desc="μ0 traces for expert data", disable=not progress, unit="ep")
     for src, eid in bar:
-        name = f"{Path(src.root).name}-{eid}-{key}-s{stride}-q{num_scene_points}-c{chunk}"
+        # Recordings in different folders may share a name (and episode ids): key on the path.
+        root = Path(src.root).resolve()
+        where = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+        name = f"{root.name}-{where}-{eid}-{key}-s{stride}-q{num_scene_points}-c{chunk}"
         f = cache_dir / f"{name}.safetensors"
         if f.is_file():
             arrs = load_file(str(f))
