@@ -66,6 +66,11 @@ class ActionExpertConfig:
     point_width: int = 128
     depth: int = 3
     trace_dropout: float = 0.3
+    # Training only: each scene point is dropped with this probability, and every point is
+    # shifted by Gaussian noise of this size (m), so the expert cannot memorise the exact
+    # point sets of a few dozen demonstrations.
+    point_dropout: float = 0.2
+    trace_jitter_m: float = 0.005
     flow_steps: int = 10
     proprio_mean: list[float] | None = None
     proprio_std: list[float] | None = None
@@ -214,9 +219,17 @@ class ActionExpert(nn.Module):
         B = a.shape[0]
         dev = a.device
         available = torch.rand(B, device=dev, generator=generator) >= self.cfg.trace_dropout
+        traces, valid = batch["traces"], batch["trace_valid"]
+        if self.training:
+            N = traces.shape[1]
+            keep = torch.rand(B, N, device=dev, generator=generator) >= self.cfg.point_dropout
+            keep[:, 0] = True  # the gripper stays
+            valid = valid & keep
+            shift = torch.randn(B, N, 1, 3, device=dev, generator=generator)
+            traces = traces + self.cfg.trace_jitter_m * shift
         ctx = self.encode_context(
-            batch["traces"],
-            batch["trace_valid"],
+            traces,
+            valid,
             batch["proprio"],
             batch["instruction_ids"],
             available,
