@@ -42,6 +42,9 @@ class PretrainConfig:
     steps: int = 2000
     batch_size: int = 16
     max_points: int = 32
+    # Share of the max_points slots that go first to points that move (training batches only);
+    # most extracted points sit still, so random subsets rarely show the model motion.
+    moving_share: float = 0.0
     lr: float = 3e-4
     weight_decay: float = 0.01
     warmup_steps: int = 100
@@ -184,7 +187,8 @@ class BatchMaker:
         items = [self.dataset[i] for i in indices]
         if train and self.cfg.augment_images:
             items = augment_images(items, self.cfg, rng)
-        batch = self.collate(items, max_points=self.cfg.max_points, rng=rng)
+        share = self.cfg.moving_share if train else 0.0
+        batch = self.collate(items, max_points=self.cfg.max_points, rng=rng, moving_share=share)
         if self.cache is not None:
             feats = [
                 self.cache.encode(

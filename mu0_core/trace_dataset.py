@@ -295,16 +295,28 @@ class TraceDataset(torch.utils.data.Dataset):
         return item
 
 
+def moving_point_mask(item: dict[str, Any], uv_thresh: float = 0.04, z_thresh_m: float = 0.02):
+    """bool[N]: points whose true future leaves their current position by more than
+    ``uv_thresh`` (normalised image units; 0.04 is about 2.5 px at 128 px) or ``z_thresh_m``."""
+    cur = np.asarray(item["hist_uvz"])[:, -1:, :]
+    d = np.abs(np.asarray(item["future_uvz"]) - cur)
+    d = np.where(np.asarray(item["future_valid"], dtype=bool)[..., None], d, 0.0)
+    uv = np.linalg.norm(d[..., :2], axis=-1).max(-1)
+    return (uv > uv_thresh) | (d[..., 2].max(-1) > z_thresh_m)
+
+
 def collate_traces(
     items: list[dict[str, Any]],
     max_points: int | None = None,
     rng: np.random.Generator | None = None,
+    moving_share: float = 0.0,
 ) -> TraceBatch:
     """Items (``TraceDataset.__getitem__``) -> a ``TraceBatch`` padded to one point count N.
 
     Each item keeps its real points (``point_mask``); where more than ``max_points`` remain,
-    a random subset (``rng``, default a fresh generator) is kept. N is the largest count left.
-    Images must share one size: resize upstream.
+    a random subset (``rng``, default a fresh generator) is kept, in which up to
+    ``moving_share`` of the slots go to points that move (``moving_point_mask``) first.
+    N is the largest count left. Images must share one size: resize upstream.
     """
     if not items:
         raise ValueError("collate_traces needs at least one item")
@@ -317,7 +329,14 @@ def collate_traces(
     for it in items:
         idx = np.flatnonzero(np.asarray(it["point_mask"], dtype=bool))
         if max_points is not None and len(idx) > max_points:
-            idx = np.sort(rng.choice(idx, size=max_points, replace=False))
+            first = np.empty(0, dtype=idx.dtype)
+            if moving_share > 0:
+                moving = idx[moving_point_mask(it)[idx]]
+                k = min(len(moving), int(round(moving_share * max_points)))
+                first = rng.choice(moving, size=k, replace=False)
+            rest = np.setdiff1d(idx, first)
+            fill = rng.choice(rest, size=max_points - len(first), replace=False)
+            idx = np.sort(np.concatenate([first, fill]))
         keep.append(idx)
     N = max(1, max(len(k) for k in keep))  # at least one (padded) slot keeps shapes non-empty
 

@@ -113,3 +113,42 @@ def test_bad_input_is_rejected(tmp_path):
     assert not td.episode_done(tmp_path, "x")
     with pytest.raises(FileNotFoundError, match="mu0 extract"):
         td.TraceDataset(tmp_path)
+
+
+def test_collate_gives_moving_points_their_share():
+    """Of 40 points only 4 move: with moving_share 0.25 every one of them is kept among 16."""
+    N, T, H = 40, 8, 32
+    rng = np.random.default_rng(0)
+    hist = np.zeros((N, T, 3), np.float32)
+    hist[..., :2] = rng.uniform(-0.8, 0.8, (N, 1, 2))
+    hist[..., 2] = 1.0
+    future = np.repeat(hist[:, -1:], H, axis=1)
+    movers = np.array([3, 11, 25, 38])
+    future[movers, :, 0] += np.linspace(0, 0.3, H, dtype=np.float32)  # sideways, about 19 px
+    item = {
+        "point_mask": np.ones(N, bool),
+        "hist_uvz": hist,
+        "hist_valid": np.ones((N, T), bool),
+        "future_uvz": future,
+        "future_valid": np.ones((N, H), bool),
+        "group_id": np.full(N, -1),
+        "intrinsics": np.array([100.0, 100.0, 64.0, 64.0], np.float32),
+        "image_size": np.array([128, 128]),
+        "instruction": "lift",
+        "rgb": np.zeros((8, 8, 3), np.uint8),
+        "depth_m": None,
+    }
+    assert np.flatnonzero(td.moving_point_mask(item)).tolist() == movers.tolist()
+    for seed in range(5):
+        batch = td.collate_traces([item], 16, np.random.default_rng(seed), moving_share=0.25)
+        kept_x = batch.hist_uvz[0, :, -1, 0].numpy()
+        assert np.isin(hist[movers, -1, 0], kept_x).all()
+    # Without a share, random subsets of 16 miss some of the 4 movers for some seed.
+    missed = [
+        not np.isin(
+            hist[movers, -1, 0],
+            td.collate_traces([item], 16, np.random.default_rng(s)).hist_uvz[0, :, -1, 0].numpy(),
+        ).all()
+        for s in range(5)
+    ]
+    assert any(missed)

@@ -42,6 +42,12 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-points", type=int, default=32)
+    p.add_argument(
+        "--moving-share",
+        type=float,
+        default=0.0,
+        help="share of the --max-points slots given first to points that move (training)",
+    )
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=250)
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         max_points=args.max_points,
+        moving_share=args.moving_share,
         lr=args.lr,
         warmup_steps=min(args.warmup_steps, max(1, args.steps // 5)),
         eval_every=args.eval_every,
