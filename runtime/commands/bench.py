@@ -146,6 +146,7 @@ def run_server(args: argparse.Namespace) -> int:
     print(
         f"tiny μ0: end-to-end p50 {result['mu0_e2e_p50_ms']:.2f} ms, sample() p50 "
         f"{result['mu0_sample_p50_ms']:.2f} ms -> server adds {result['server_overhead_p50_ms']:.2f} ms "
+        f"(paired {result['server_overhead_paired_p50_ms']:.2f} ms) "
         f"(vs the server's own model time {result['mu0_server_infer_p50_ms']:.2f} ms: "
         f"{result['server_overhead_vs_infer_p50_ms']:.2f} ms; {result['overhead_rounds']} interleaved rounds)"
     )
@@ -194,6 +195,10 @@ def _interleaved_overhead(query, obs: dict, rounds: int) -> dict[str, float]:
         "mu0_e2e_p50_ms": round(p50["e"], 3),
         "mu0_sample_p50_ms": round(p50["d"], 3),
         "server_overhead_p50_ms": round(p50["e"] - p50["d"], 3),
+        # The same, pair by pair (each round trip against the direct call just before it).
+        "server_overhead_paired_p50_ms": round(
+            float(np.median(np.asarray(e2e) - np.asarray(direct))), 3
+        ),
         # The same difference against the model time the server itself measured per request.
         "mu0_server_infer_p50_ms": round(p50["i"], 3),
         "server_overhead_vs_infer_p50_ms": round(p50["e"] - p50["i"], 3),
