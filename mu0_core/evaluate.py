@@ -125,7 +125,7 @@ def evaluate(
                     horizons=HORIZONS,
                     point_mask=moving,
                 )
-                m.update({f"moving_{k}": v for k, v in m_moving.items()})
+                m.update({f"moving_{key}": v for key, v in m_moving.items()})
             if num_samples_k > 1 and p.kind == "model" and p.model.objective == "flow":
                 preds = torch.stack(
                     [p(batch, seed + 1000 * (j + 1) + k) for j in range(num_samples_k)]

@@ -182,12 +182,21 @@ def _many_clients(address: str, clients: int, obs: dict, duration_s: float) -> d
     start = threading.Barrier(clients + 1)
 
     def run(i: int) -> None:
-        results[i] = _zmq_loop(address, obs, duration_s, warmup=3, infer_ms=infer_ms, start=start)
+        try:
+            results[i] = _zmq_loop(address, obs, duration_s, 3, infer_ms, start)
+        except BaseException:
+            start.abort()  # the others (and the caller) stop waiting and see the failure
+            raise
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
-    start.wait()
+    try:
+        start.wait()
+    except threading.BrokenBarrierError:
+        for t in threads:
+            t.join()
+        raise RuntimeError(f"benchmark: a client of {address} failed during warm-up") from None
     t0 = time.monotonic()
     for t in threads:
         t.join()
