@@ -104,28 +104,15 @@ def evaluate(
         moving = moving_points(batch)
         for p in predictors:
             pred = p(batch, seed + k)
-            m = trace_metrics(
-                pred,
-                batch.future_uvz,
-                batch.future_valid,
-                batch.intrinsics,
-                batch.image_size,
-                horizons=HORIZONS,
-                point_mask=batch.point_mask,
-            )
-            m.update(_shape_metrics(pred, batch))
+            m = _shape_metrics(pred, batch)
             m["moving_share"] = float(moving.sum()) / max(n_pts, 1.0)
-            if bool(moving.any()):
-                m_moving = trace_metrics(
-                    pred,
-                    batch.future_uvz,
-                    batch.future_valid,
-                    batch.intrinsics,
-                    batch.image_size,
-                    horizons=HORIZONS,
-                    point_mask=moving,
-                )
-                m.update({f"moving_{key}": v for key, v in m_moving.items()})
+            # Over all points, then over the moving ones alone (keys prefixed "moving_").
+            for prefix, mask in (("", batch.point_mask), ("moving_", moving)):
+                if prefix and not bool(mask.any()):
+                    continue
+                args = (batch.future_uvz, batch.future_valid, batch.intrinsics, batch.image_size)
+                per = trace_metrics(pred, *args, horizons=HORIZONS, point_mask=mask)
+                m.update({prefix + key: v for key, v in per.items()})
             if num_samples_k > 1 and p.kind == "model" and p.model.objective == "flow":
                 preds = torch.stack(
                     [p(batch, seed + 1000 * (j + 1) + k) for j in range(num_samples_k)]

@@ -45,6 +45,19 @@ import torch
 
 from mu0_core.types import HISTORY_STEPS, HORIZON, TraceBatch
 
+# Arrays stored per sample and per point ([S, N, ...]); the last one only when the
+# episode came with the simulator's ground truth.
+PER_POINT_KEYS = (
+    "hist_uvz",
+    "hist_valid",
+    "future_uvz",
+    "future_valid",
+    "point_mask",
+    "group_id",
+    "moving",
+    "gt_future_uvz",
+)
+
 FORMAT = "mu0-traces"
 VERSION = 1
 META_FILE = "meta.json"
@@ -272,18 +285,10 @@ class TraceDataset(torch.utils.data.Dataset):
                 "depth_m": f.get_slice("depth_m")[t],
                 "intrinsics": f.get_slice("intrinsics")[t],
             }
-            for key in (
-                "hist_uvz",
-                "hist_valid",
-                "future_uvz",
-                "future_valid",
-                "point_mask",
-                "group_id",
-                "moving",
-            ):
-                item[key] = f.get_slice(key)[s]
-            if "gt_future_uvz" in f.keys():
-                item["gt_future_uvz"] = f.get_slice("gt_future_uvz")[s]
+            stored = set(f.keys())
+            for key in PER_POINT_KEYS:
+                if key in stored:  # gt_future_uvz only where the simulator's truth was known
+                    item[key] = f.get_slice(key)[s]
             segment = int(f.get_slice("sample_segment")[s : s + 1][0])
         H, W = item["rgb"].shape[:2]
         item["image_size"] = np.array([W, H], dtype=np.int64)
@@ -334,7 +339,7 @@ def collate_traces(
                 moving = idx[moving_point_mask(it)[idx]]
                 k = min(len(moving), int(round(moving_share * max_points)))
                 first = rng.choice(moving, size=k, replace=False)
-            rest = np.setdiff1d(idx, first)
+            rest = np.setdiff1d(idx, first) if len(first) else idx
             fill = rng.choice(rest, size=max_points - len(first), replace=False)
             idx = np.sort(np.concatenate([first, fill]))
         keep.append(idx)

@@ -12,12 +12,6 @@ from typing import Any
 import numpy as np
 
 
-def _valid_prefix_length(valid: np.ndarray) -> int:
-    """Number of leading True values in valid [T]."""
-    invalid = np.flatnonzero(~valid)
-    return int(invalid[0]) if len(invalid) else len(valid)
-
-
 def retime_by_arc_length(
     points: Any,
     valid: Any,
@@ -44,33 +38,13 @@ def retime_by_arc_length(
         raise ValueError(
             f"points must be [T, D] and valid [T], got {points.shape} and {valid.shape}"
         )
-    if num_out < 2:
-        raise ValueError(f"num_out must be >= 2, got {num_out}")
     arc = points if arc_points is None else np.asarray(arc_points, dtype=np.float64)
     if arc.ndim != 2 or arc.shape[0] != points.shape[0]:
         raise ValueError(f"arc_points must be [T, M] with T = {points.shape[0]}, got {arc.shape}")
-
-    n = _valid_prefix_length(valid)
-    if n == 0:
-        return np.repeat(points[:1], num_out, axis=0), np.zeros(num_out, dtype=bool)
-    pts, arc = points[:n], arc[:n]
-    if not (np.isfinite(pts).all() and np.isfinite(arc).all()):
-        raise ValueError("non-finite values inside the valid prefix; mark those steps invalid")
-
-    seg = np.linalg.norm(np.diff(arc, axis=0), axis=-1)  # [n - 1]
-    s = np.concatenate([[0.0], np.cumsum(seg)])  # [n] arc length at each input sample
-    if s[-1] < min_total_length:
-        return np.repeat(pts[:1], num_out, axis=0), np.ones(num_out, dtype=bool)
-
-    target = np.linspace(0.0, s[-1], num_out)
-    # side="right" skips zero-length segments (a pause), so each target lands in a segment
-    # that actually moves and the division below is safe.
-    i = np.clip(np.searchsorted(s, target, side="right") - 1, 0, n - 2)
-    frac = np.zeros(num_out)
-    np.divide(target - s[i], seg[i], out=frac, where=seg[i] > 0)
-    out = pts[i] + np.clip(frac, 0.0, 1.0)[:, None] * (pts[i + 1] - pts[i])
-    out[-1] = pts[-1]  # land exactly on the end despite rounding in the cumulative sum
-    return out, np.ones(num_out, dtype=bool)
+    out, valid_out = retime_by_arc_length_batch(
+        points[None], valid[None], num_out, min_total_length, arc[None]
+    )
+    return out[0], valid_out[0]
 
 
 def retime_by_arc_length_batch(

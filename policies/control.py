@@ -80,7 +80,7 @@ class GroundTruthTraces:
     def __call__(self, env, wire_obs: dict[str, Any], T_base_cam: np.ndarray) -> np.ndarray:
         import mujoco
 
-        from mu0_core.traces import retime_by_arc_length
+        from mu0_core.traces import retime_by_arc_length_batch
 
         sim, sh = env.sim, self.shadow.sim
         cam = env.camera_names[0]
@@ -114,9 +114,7 @@ class GroundTruthTraces:
             pts[0] = self.shadow.T_world_eef()[:3, 3]  # query 0 is the grip site itself
             path.append(pts)
         world = np.stack(path, 1)  # [N, L, 3]
-        out = np.zeros((len(world), 32, 3))
-        for n in range(len(world)):
-            out[n], _ = retime_by_arc_length(world[n], np.ones(world.shape[1], bool), 32)
+        out, _ = retime_by_arc_length_batch(world, np.ones(world.shape[:2], bool), 32)
         T_base_world = np.linalg.inv(env.T_world_base())
         return (out @ T_base_world[:3, :3].T + T_base_world[:3, 3]).astype(np.float32)
 

@@ -319,18 +319,6 @@ def build_samples(
     return out
 
 
-PER_POINT_KEYS = (
-    "hist_uvz",
-    "hist_valid",
-    "future_uvz",
-    "future_valid",
-    "point_mask",
-    "group_id",
-    "moving",
-    "gt_future_uvz",
-)
-
-
 def pack_samples(samples: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Keep, in each sample, only the points known at its frame, in as few columns as needed.
 
@@ -348,7 +336,7 @@ def pack_samples(samples: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
     track = np.argsort(~mask, axis=1, kind="stable")[:, :width]  # [S, N']
     keep = np.arange(width)[None, :] < count[:, None]  # [S, N']
     packed = dict(samples)
-    for key in PER_POINT_KEYS:
+    for key in trace_dataset.PER_POINT_KEYS:
         if key not in samples:
             continue
         x = samples[key]

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime.commands.extract import add_tracking_args
+
 HELD_OUT_SEED = 100_000  # far from the seeds `mu0 collect` starts at
 GT_MOVING_M = 0.02  # a point counts as moving when its true path is longer than this
 
@@ -31,13 +33,7 @@ def add_bench_parser(what) -> None:
     p.add_argument("--robot", default="Panda")
     p.add_argument("--episodes", type=int, default=2)
     p.add_argument("--image-size", type=int, default=128, help="square camera images, pixels")
-    p.add_argument("--points", type=int, default=96, help="live keypoints per frame")
-    p.add_argument(
-        "--reseed-every",
-        type=int,
-        default=4,
-        help="replace lost points with new tracks every this many frames (0: never)",
-    )
+    add_tracking_args(p)
     p.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     p.add_argument(
         "--workdir", type=Path, default=None, help="keep the episodes here (default: a temp dir)"

@@ -7,6 +7,17 @@ import json
 from pathlib import Path
 
 
+def add_tracking_args(p) -> None:
+    """Keypoint options shared by `mu0 extract` and `mu0 bench extract`."""
+    p.add_argument("--points", type=int, default=96, help="live keypoints per frame")
+    p.add_argument(
+        "--reseed-every",
+        type=int,
+        default=4,
+        help="replace lost points with new tracks every this many frames (0: never)",
+    )
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "extract",
@@ -21,13 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("source", type=Path, help="LeRobot v3 dataset or frame folder")
     p.add_argument("--out", type=Path, required=True, help="trace dataset directory")
     p.add_argument("--episodes", default=None, help="comma-separated episode ids (default: all)")
-    p.add_argument("--points", type=int, default=96, help="live keypoints per frame")
-    p.add_argument(
-        "--reseed-every",
-        type=int,
-        default=4,
-        help="replace lost points with new tracks every this many frames (0: never)",
-    )
+    add_tracking_args(p)
     p.add_argument("--stride", type=int, default=1, help="a sample every this many frames")
     p.add_argument("--tracker", default="lk", help="'lk' or 'package.module:factory'")
     p.add_argument("--captioner", default="rule", help="'rule' or 'package.module:factory'")
