@@ -72,6 +72,10 @@ class TrainConfig:
     done_loss_weight: float = 0.1
     rigidity_weight: float = 0.05
     num_sample_steps: int = 4  # Euler steps at inference
+    # The sampler starts from N(0, s^2) instead of N(0, 1). Below 1 it trades sample diversity
+    # for accuracy: on the held-out seeds the tiny μ0's ADE3D@32 was 4.3 mm at 1.0, 2.8 at
+    # 0.5 and 2.7 at 0 (deterministic). Training does not use it.
+    sample_noise_scale: float = 0.5
     # "flow" is μ0. "regression" and "tokens" are baselines on the same backbone and expert:
     # control points regressed in one pass, and waypoints as tokens decoded autoregressively.
     objective: Literal["flow", "regression", "tokens"] = "flow"

@@ -39,10 +39,14 @@ def predict_constant_velocity(batch: TraceBatch, horizon: int) -> torch.Tensor:
 
 
 class Predictor:
-    """A named way to forecast [B, N, H, 3] absolute uvz from a batch with frozen features."""
+    """A named way to forecast [B, N, H, 3] absolute uvz from a batch with frozen features.
+    ``noise_scale`` (flow models) overrides the checkpoint's sampler temperature."""
 
-    def __init__(self, name: str, model=None, kind: str = "model"):
+    def __init__(
+        self, name: str, model=None, kind: str = "model", noise_scale: float | None = None
+    ):
         self.name, self.model, self.kind = name, model, kind
+        self.noise_scale = noise_scale
 
     def __call__(self, batch: TraceBatch, seed: int) -> torch.Tensor:
         H = batch.future_uvz.shape[2]
@@ -59,6 +63,7 @@ class Predictor:
             batch.intrinsics,
             batch.image_size,
             generator=g,
+            noise_scale=self.noise_scale,
         )
         return out["traces_uvz"].float()
 

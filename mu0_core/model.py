@@ -268,14 +268,19 @@ class Mu0(nn.Module):
         image_size: Tensor,  # [B, 2]
         num_steps: int | None = None,
         generator: torch.Generator | None = None,
-        noise: Tensor | None = None,  # [B, N, C-1, 3]
+        noise: Tensor | None = None,  # [B, N, C-1, 3] standard-normal draws
+        noise_scale: float | None = None,
     ) -> dict[str, Tensor]:
         """Batched sampler: → dict of ctrl_rel [B,N,C,3], traces_uvz_rel/traces_uvz/
-        traces_xyz_cam [B,N,H,3], done bool[B,N,H]."""
+        traces_xyz_cam [B,N,H,3], done bool[B,N,H]. The flow starts from ``noise`` (drawn
+        here when None) times ``noise_scale`` (default: the config's ``sample_noise_scale``)."""
         B, N = point_mask.shape
         if not point_mask.any(dim=1).all():
             raise ValueError("every sample needs at least one query point")
         steps = num_steps or self.cfg.train.num_sample_steps
+        scale = self.cfg.train.sample_noise_scale if noise_scale is None else noise_scale
+        if scale < 0:
+            raise ValueError(f"noise_scale must be >= 0, got {scale}")
         prefix = self.backbone(frozen)
         hist_feat, cur = self._history_features(hist_uvz, hist_valid)
         ctx = self.expert.encode_context(prefix, hist_feat, cur, point_mask.bool())
@@ -306,7 +311,7 @@ class Mu0(nn.Module):
                     last_done[:] = [logits]
                     return v
 
-                x1 = flow.euler_sample(velocity, noise, steps)
+                x1 = flow.euler_sample(velocity, noise * scale, steps)
                 done_logits = last_done[0]
             ctrl_free = x1 * self.ctrl_std + self.ctrl_mean
             ctrl = torch.cat(
@@ -337,6 +342,7 @@ class Mu0(nn.Module):
         num_steps: int | None = None,
         seed: int = 0,
         noise: Tensor | None = None,
+        noise_scale: float | None = None,
     ) -> TracePrediction:
         """Forecast traces for one observation. Seeded: the same seed gives the same traces."""
         device = self.basis.device
@@ -369,6 +375,7 @@ class Mu0(nn.Module):
             num_steps=num_steps,
             generator=generator,
             noise=None if noise is None else noise[None].to(device),
+            noise_scale=noise_scale,
         )
         t2 = time.perf_counter()
         return TracePrediction(

@@ -120,7 +120,10 @@ def build_expert_dataset(
     """All episodes of the given recordings → one dict of stacked arrays (+ "instructions")."""
     from mu0_core.extract.sources import LeRobotV3Source
 
-    key = trace_model.metadata().get("model_hash", "model")[:16]
+    meta = trace_model.metadata()
+    key = meta.get("model_hash", "model")[:16]
+    if meta.get("noise_scale") is not None:  # the sampler's temperature changes the traces
+        key += f"-n{meta['noise_scale']:g}"
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     jobs = []

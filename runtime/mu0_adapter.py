@@ -25,11 +25,17 @@ class Mu0TraceModel:
         meta: dict[str, Any] | None = None,
         max_queries: int = DEFAULT_MAX_QUERIES,
         seed: int = 0,
+        noise_scale: float | None = None,
     ):
         self.model = model.eval()
         self.meta = meta or {}
         self.max_queries = max_queries
         self.seed = seed
+        self.noise_scale = (
+            model.cfg.train.sample_noise_scale if noise_scale is None else float(noise_scale)
+        )
+        if self.noise_scale < 0:
+            raise ValueError(f"noise_scale must be >= 0, got {self.noise_scale}")
         self.device = model.basis.device
         cfg = model.cfg
         self._metadata = {
@@ -40,6 +46,7 @@ class Mu0TraceModel:
             "num_control_points": cfg.trace.num_ctrl,
             "knots": cfg.trace.knots,
             "euler_steps": cfg.train.num_sample_steps,
+            "noise_scale": self.noise_scale,
             "image_size": None,  # any size: the backbone resizes
             "model_image_size": getattr(cfg.backbone, "image_size", None),
             "max_queries": max_queries,
@@ -120,6 +127,7 @@ class Mu0TraceModel:
             intrinsics.to(dev),
             image_size.to(dev),
             noise=noise.to(dev),
+            noise_scale=self.noise_scale,
         )
         traces = out["traces_uvz"].float().cpu().numpy()
         xyz = out["traces_xyz_cam"].float().cpu().numpy()

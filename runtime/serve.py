@@ -62,6 +62,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="cuda | cuda:N | cpu (default cpu)")
     p.add_argument(
+        "--noise-scale",
+        type=float,
+        default=None,
+        help="sampler temperature: the flow starts from N(0, s^2) (default: the checkpoint's)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -137,13 +143,16 @@ def _load_model(args: argparse.Namespace):
     from runtime.mu0_adapter import Mu0TraceModel
 
     if args.checkpoint is not None:
-        return Mu0TraceModel.from_checkpoint(args.checkpoint, args.device)
+        return Mu0TraceModel.from_checkpoint(
+            args.checkpoint, args.device, noise_scale=args.noise_scale
+        )
     if args.preset is not None:
         # An untrained preset: right shapes and real latency, meaningless traces.
         from configs import get_model_config
         from mu0_core.model import Mu0
 
-        return Mu0TraceModel(Mu0(get_model_config(args.preset)).to(args.device).eval())
+        model = Mu0(get_model_config(args.preset)).to(args.device).eval()
+        return Mu0TraceModel(model, noise_scale=args.noise_scale)
     raise SystemExit(
         "mu0 serve: give --checkpoint PATH (or --preset NAME / --trivial for stand-ins)"
     )

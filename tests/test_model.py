@@ -50,6 +50,27 @@ def test_sample_shapes_units_and_determinism(tiny_model):
     assert torch.isfinite(a.traces_xyz_cam).all()
 
 
+def test_sampler_noise_scale(tiny_model):
+    """The flow starts from N(0, s^2): at 0 the seed no longer matters; the default is the
+    config's; a negative scale is refused."""
+    q = synthetic.make_query(6, seed=2)
+    assert tiny_model.cfg.train.sample_noise_scale == 0.5
+    zero_a = tiny_model.sample(q, seed=1, noise_scale=0.0)
+    zero_b = tiny_model.sample(q, seed=2, noise_scale=0.0)
+    assert torch.equal(zero_a.traces_uvz, zero_b.traces_uvz)
+    default = tiny_model.sample(q, seed=1)
+    half = tiny_model.sample(q, seed=1, noise_scale=0.5)
+    full = tiny_model.sample(q, seed=1, noise_scale=1.0)
+    assert torch.equal(default.traces_uvz, half.traces_uvz)
+    assert not torch.allclose(half.traces_uvz, full.traces_uvz)
+    try:
+        tiny_model.sample(q, noise_scale=-1.0)
+    except ValueError as exc:
+        assert "noise_scale" in str(exc)
+    else:
+        raise AssertionError("a negative noise scale must be refused")
+
+
 def test_permuting_queries_permutes_outputs(tiny_model):
     q = synthetic.make_query(10, seed=4)
     noise = torch.randn(10, NUM_CONTROL_POINTS - 1, 3, generator=torch.Generator().manual_seed(0))

@@ -29,6 +29,17 @@ def test_metadata_and_validation(adapter):
         adapter.validate(make_observation(33))
 
 
+def test_noise_scale_is_served_and_announced(tiny_model, adapter):
+    """The server's sampler temperature is the checkpoint's unless overridden, and the
+    handshake says which (the sampler itself is tested with the model)."""
+    assert adapter.metadata()["noise_scale"] == tiny_model.cfg.train.sample_noise_scale
+    cold = Mu0TraceModel(tiny_model, max_queries=32, noise_scale=0.0)
+    assert cold.metadata()["noise_scale"] == 0.0
+    assert cold.predict_batch([make_observation(5, seed=3)])[0]["traces_uvz"].shape == (5, 32, 3)
+    with pytest.raises(ValueError, match="noise_scale"):
+        Mu0TraceModel(tiny_model, noise_scale=-0.1)
+
+
 def test_batched_equals_alone(adapter):
     obs = [
         make_observation(4, image_size=(160, 120), seed=0),

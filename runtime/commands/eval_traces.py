@@ -47,6 +47,12 @@ def add_parser(sub) -> None:
     p.add_argument("--samples-k", type=int, default=5, help="samples for minADE_K (flow models)")
     p.add_argument("--examples", type=int, default=4, help="pictures per split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--noise-scale",
+        type=float,
+        default=None,
+        help="flow sampler temperature for every μ0 model (default: each checkpoint's own)",
+    )
     p.set_defaults(func=run)
 
 
@@ -109,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         Predictor("static", kind="static"),
         Predictor("constant_velocity", kind="constant_velocity"),
     ]
-    predictors += [Predictor(name, model) for name, model in models.items()]
+    predictors += [
+        Predictor(name, model, noise_scale=args.noise_scale) for name, model in models.items()
+    ]
     # Models built on the same frozen encoders share one feature cache.
     cache = FeatureCache(args.out / "feature_cache", next(iter(models.values())).backbone)
 

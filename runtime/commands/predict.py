@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--num-points", type=int, default=16, help="query points of the synthetic scene")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
+    p.add_argument(
+        "--noise-scale", type=float, default=None, help="sampler temperature (default: the model's)"
+    )
     p.add_argument("--out", type=Path, default=Path("outputs/predict.png"), help="picture to write")
     p.set_defaults(func=run)
 
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         query = synthetic.make_query(args.num_points, image_size=(size, size), seed=args.seed)
         if args.instruction:
             query = type(query)(**{**query.__dict__, "instruction": args.instruction})
-    pred = model.sample(query, num_steps=args.steps, seed=args.seed)
+    pred = model.sample(query, num_steps=args.steps, seed=args.seed, noise_scale=args.noise_scale)
     xyz = pred.traces_xyz_cam.numpy()
     travel = np.linalg.norm(xyz[:, -1] - xyz[:, 0], axis=-1)
     print(f"μ0 — {source}")
