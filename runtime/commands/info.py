@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         "control_points": model.cfg.trace.num_ctrl,
         "knots": model.cfg.trace.knots,
         "euler_steps": model.cfg.train.num_sample_steps,
+        "noise_scale": model.cfg.train.sample_noise_scale,
         "units": "uv normalised to [-1, 1] (OpenCV pixels, v down), depth z in metres; camera frame OpenCV",
         "config": model.cfg.to_dict(),
     }
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"  traces: {summary['history_steps']} history steps → {summary['control_points']} "
         f"{summary['knots']} B-spline control points → horizon {summary['horizon']}, "
-        f"{summary['euler_steps']} Euler steps"
+        f"{summary['euler_steps']} Euler steps from N(0, {summary['noise_scale']:g}²)"
     )
     print(f"  units: {summary['units']}")
     return 0
