@@ -257,6 +257,13 @@ class Mu0(nn.Module):
 
     # -- inference -----------------------------------------------------------------------
 
+    def noise_scale(self, override: float | None = None) -> float:
+        """The sampler temperature in force: ``override``, else the config's; never negative."""
+        scale = self.cfg.train.sample_noise_scale if override is None else float(override)
+        if scale < 0:
+            raise ValueError(f"noise_scale must be >= 0, got {scale}")
+        return scale
+
     @torch.no_grad()
     def sample_batch(
         self,
@@ -278,9 +285,7 @@ class Mu0(nn.Module):
         if not point_mask.any(dim=1).all():
             raise ValueError("every sample needs at least one query point")
         steps = num_steps or self.cfg.train.num_sample_steps
-        scale = self.cfg.train.sample_noise_scale if noise_scale is None else noise_scale
-        if scale < 0:
-            raise ValueError(f"noise_scale must be >= 0, got {scale}")
+        scale = self.noise_scale(noise_scale)
         prefix = self.backbone(frozen)
         hist_feat, cur = self._history_features(hist_uvz, hist_valid)
         ctx = self.expert.encode_context(prefix, hist_feat, cur, point_mask.bool())

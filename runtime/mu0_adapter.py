@@ -31,11 +31,7 @@ class Mu0TraceModel:
         self.meta = meta or {}
         self.max_queries = max_queries
         self.seed = seed
-        self.noise_scale = (
-            model.cfg.train.sample_noise_scale if noise_scale is None else float(noise_scale)
-        )
-        if self.noise_scale < 0:
-            raise ValueError(f"noise_scale must be >= 0, got {self.noise_scale}")
+        self.noise_scale = model.noise_scale(noise_scale)  # refused here, at start, if invalid
         self.device = model.basis.device
         cfg = model.cfg
         self._metadata = {
