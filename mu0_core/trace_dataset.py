@@ -233,6 +233,24 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
+def find_datasets(path: str | Path) -> list[Path]:
+    """``path`` if it is a trace dataset, else every trace dataset below it (sorted), so a
+    folder such as ``data/traces`` holding ``train/Lift-Panda``, ... can be named at once."""
+    root = Path(path)
+    if (root / META_FILE).is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist")
+    found = sorted(m.parent for m in root.rglob(META_FILE))
+    # A dataset's own folders never hold another dataset; keep the outermost ones only.
+    outer = [d for d in found if not any(o != d and o in d.parents for o in found)]
+    if not outer:
+        raise FileNotFoundError(
+            f"no trace dataset (a folder with {META_FILE}) in {root}: run `mu0 extract` first"
+        )
+    return outer
+
+
 # ---------------------------------------------------------------------------
 # Reading
 

@@ -152,3 +152,25 @@ def test_collate_gives_moving_points_their_share():
         for s in range(5)
     ]
     assert any(missed)
+
+
+def test_a_folder_of_datasets_is_expanded(tmp_path):
+    from runtime.commands.pretrain import load_datasets
+
+    _write(tmp_path / "traces" / "train" / "Lift-Panda", ids=("a", "b"))
+    _write(tmp_path / "traces" / "Door-Panda", ids=("c",))
+    found = td.find_datasets(tmp_path / "traces")
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "traces/Door-Panda",
+        "traces/train/Lift-Panda",
+    ]
+    assert td.find_datasets(found[1]) == [found[1]]  # a dataset names itself only
+    train, val = load_datasets([str(tmp_path / "traces")], val_episodes="b", exclude=None)
+    assert len(train) == 2 * 4 and len(val) == 4  # a and c train (4 samples each), b validates
+    with pytest.raises(ValueError, match="no training episode"):
+        load_datasets([str(tmp_path / "traces")], val_episodes=None, exclude="Lift")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="mu0 extract"):
+        td.find_datasets(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        td.find_datasets(tmp_path / "nowhere")

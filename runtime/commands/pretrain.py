@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
         "--data",
         nargs="+",
         required=True,
-        help="trace dataset directories (from `mu0 extract`), or synthetic:N for N synthetic scenes",
+        help="trace datasets (from `mu0 extract`) or folders holding them, or synthetic:N for N "
+        "synthetic scenes",
     )
     p.add_argument(
         "--out", type=Path, required=True, help="run directory (checkpoints, metrics, plots)"
@@ -75,11 +76,11 @@ def load_datasets(paths: list[str], val_episodes: str | None, exclude: str | Non
         )
     from torch.utils.data import ConcatDataset
 
-    from mu0_core.trace_dataset import TraceDataset
+    from mu0_core.trace_dataset import TraceDataset, find_datasets
 
     excluded = set(filter(None, (exclude or "").split(",")))
     train_parts, val_parts = [], []
-    for path in paths:
+    for path in [d for p in paths for d in find_datasets(p)]:
         meta = TraceDataset(path).episodes
         ids = [
             e["id"]
@@ -94,6 +95,8 @@ def load_datasets(paths: list[str], val_episodes: str | None, exclude: str | Non
         train_parts.append(TraceDataset(path, episodes=train))
         if val:
             val_parts.append(TraceDataset(path, episodes=val))
+    if not any(len(part) for part in train_parts):
+        raise ValueError(f"no training episode left in {paths} after --exclude {exclude}")
     train = ConcatDataset(train_parts)
     val = ConcatDataset(val_parts) if val_parts else None
     return train, val
@@ -129,7 +132,10 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
     )
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports
-    train, val = load_datasets(args.data, args.val_episodes, args.exclude)
+    try:
+        train, val = load_datasets(args.data, args.val_episodes, args.exclude)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"mu0 pretrain: {exc}") from None
     if main_rank:
         print(
             f"pretraining {model_cfg.name} ({model_cfg.train.objective}, {model_cfg.trace.knots} knots) "
