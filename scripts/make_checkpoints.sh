@@ -14,7 +14,7 @@ MU0=${MU0:-.venv/bin/mu0}
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
 EPISODES=${EPISODES:-10}
-STEPS=${STEPS:-3000}
+STEPS=${STEPS:-9000}
 SIZE=${SIZE:-128}
 STAGE=${1:-all}
 # PickPlaceCan × Kinova3 is left out, as in the shipped checkpoints: its scripted demonstrator
