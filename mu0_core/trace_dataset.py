@@ -242,13 +242,11 @@ def find_datasets(path: str | Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist")
     found = sorted(m.parent for m in root.rglob(META_FILE))
-    # A dataset's own folders never hold another dataset; keep the outermost ones only.
-    outer = [d for d in found if not any(o != d and o in d.parents for o in found)]
-    if not outer:
+    if not found:
         raise FileNotFoundError(
             f"no trace dataset (a folder with {META_FILE}) in {root}: run `mu0 extract` first"
         )
-    return outer
+    return found
 
 
 # ---------------------------------------------------------------------------

@@ -174,3 +174,18 @@ def test_a_folder_of_datasets_is_expanded(tmp_path):
         td.find_datasets(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         td.find_datasets(tmp_path / "nowhere")
+
+
+def test_eval_traces_finds_its_splits(tmp_path):
+    from runtime.commands.eval_traces import discover_splits
+
+    _write(tmp_path / "heldout_task" / "Door-Panda", ids=("a",))
+    _write(tmp_path / "heldout_seeds" / "Lift-Panda", ids=("b",))
+    _write(tmp_path / "train" / "Lift-Panda", ids=("c",))  # what the models learned from
+    _write(tmp_path / "Stack-UR5e", ids=("d",))  # a dataset directly in the folder
+    (tmp_path / "pictures").mkdir()
+    splits = discover_splits(tmp_path)
+    assert list(splits) == ["heldout_seeds", "Stack-UR5e", "heldout_task"]
+    assert splits["Stack-UR5e"] == [tmp_path / "Stack-UR5e"]
+    assert splits["heldout_task"] == [tmp_path / "heldout_task" / "Door-Panda"]
+    assert discover_splits(tmp_path / "Stack-UR5e") == {"all": [tmp_path / "Stack-UR5e"]}

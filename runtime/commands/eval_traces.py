@@ -77,15 +77,19 @@ def _parse_checkpoints(specs: list[str] | None) -> dict[str, str]:
 
 def discover_splits(data: Path) -> dict[str, list[Path]]:
     """A trace dataset → {"all": [it]}; a folder of ``<split>/<dataset>/`` → one entry per
-    split, the held-out seeds first (a split named ``train`` is what the models learned from)."""
+    split, the held-out seeds first (a split named ``train`` is what the models learned from).
+    A dataset directly in the folder is a split of its own."""
+    from mu0_core.trace_dataset import META_FILE, find_datasets
+
     data = Path(data)
-    if (data / "meta.json").is_file():
+    if (data / META_FILE).is_file():
         return {"all": [data]}
     splits = {}
     for split in sorted(p for p in data.iterdir() if p.is_dir() and p.name != "train"):
-        dirs = sorted(d for d in split.iterdir() if (d / "meta.json").is_file())
-        if dirs:
-            splits[split.name] = dirs
+        try:
+            splits[split.name] = find_datasets(split)
+        except FileNotFoundError:  # a folder without trace datasets (pictures, caches)
+            continue
     return dict(sorted(splits.items(), key=lambda kv: kv[0] != "heldout_seeds"))
 
 
