@@ -189,3 +189,29 @@ def test_eval_traces_finds_its_splits(tmp_path):
     assert splits["Stack-UR5e"] == [tmp_path / "Stack-UR5e"]
     assert splits["heldout_task"] == [tmp_path / "heldout_task" / "Door-Panda"]
     assert discover_splits(tmp_path / "Stack-UR5e") == {"all": [tmp_path / "Stack-UR5e"]}
+
+
+def test_eval_traces_end_to_end(tiny_model, tmp_path):
+    """`mu0 eval-traces` on a folder of splits: a table per split, pictures, the --json headline
+    at H=32; --examples 0 skips the pictures."""
+    from mu0_core.checkpoint import save_checkpoint
+    from runtime.cli import main
+
+    _write(tmp_path / "data" / "heldout_seeds" / "lift")
+    _write(tmp_path / "data" / "robot_out" / "lift", ids=("c",))
+    ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    common = ["eval-traces", "--data", str(tmp_path / "data"), "--checkpoint", f"mu0={ckpt}"]
+    common += ["--max-batches", "1", "--samples-k", "2", "--batch-size", "4"]
+    out = tmp_path / "out"
+    assert main([*common, "--out", str(out), "--examples", "1", "--json", str(out / "h.json")]) == 0
+    h32 = json.loads((out / "h.json").read_text())
+    assert {"static", "constant_velocity", "mu0"} <= set(h32)
+    assert h32["mu0"]["ade3d_m"] > 0 and h32["mu0"]["fde3d_m"] >= 0
+    assert list(h32["_splits"]) == ["heldout_seeds", "robot_out"]  # held-out seeds first
+    assert "robot_out" in (out / "table.md").read_text()
+    assert list((out / "heldout_seeds").glob("example_*.png"))
+
+    quiet = tmp_path / "quiet"
+    assert main([*common, "--out", str(quiet), "--examples", "0"]) == 0
+    assert (quiet / "table.md").is_file()
+    assert not list(quiet.glob("*/example_*.png"))

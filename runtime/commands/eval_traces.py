@@ -163,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         print(tables[-1] + "\n")
         # Pictures: samples spread over the split, every model side by side.
         pick = list(range(0, n, max(1, n // max(1, args.examples))))[: args.examples]
+        if not pick:  # --examples 0
+            continue
         items = [ds[i] for i in pick]
         with torch.no_grad():
             draw_examples(
