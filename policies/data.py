@@ -163,8 +163,41 @@ def build_expert_dataset(
     lengths = [len(p["proprio"]) for p in parts]
     starts = np.cumsum([0, *lengths[:-1]])
     out["episode_start"] = np.repeat(starts, lengths)
+    # Auxiliary targets (policies.base): the gripper's pose where its motion segment ends.
+    ends = segment_ends(out["actions"][:, 0, 6], out["episode_start"])
+    out["goal"] = out["proprio"][ends, :3]
+    out["goal_rot"] = rotation_between(out["proprio"][:, 3:7], out["proprio"][ends, 3:7])
     out["instructions"] = sorted(set(out["instruction"].tolist()))
     return out
+
+
+def segment_ends(gripper: np.ndarray, episode_start: np.ndarray) -> np.ndarray:
+    """The sample that ends each sample's motion segment: the next sample of the same episode
+    whose gripper command has the other sign (it opens or closes there), or the episode's
+    last sample. gripper [S], episode_start [S] → int [S]."""
+    S = len(gripper)
+    ends = np.empty(S, np.int64)
+    stops = np.append(np.flatnonzero(np.diff(episode_start)) + 1, S)  # one past each episode
+    for start, stop in zip(np.unique(episode_start), stops):
+        nxt = stop - 1  # walking back: the sample that ends the current segment
+        for i in range(stop - 1, start - 1, -1):
+            if i + 1 < stop and np.sign(gripper[i + 1]) != np.sign(gripper[i]):
+                nxt = i + 1
+            ends[i] = nxt
+    return ends
+
+
+def rotation_between(q_from: np.ndarray, q_to: np.ndarray) -> np.ndarray:
+    """Rotation vectors (base frame, rad) taking orientations ``q_from`` to ``q_to``
+    (quaternions xyzw [S, 4]): the axis-angle of q_to ⊗ q_from⁻¹, angle in [0, π]."""
+    v1, w1 = -q_from[:, :3], q_from[:, 3]  # the inverse of a unit quaternion
+    v2, w2 = q_to[:, :3], q_to[:, 3]
+    w = w2 * w1 - (v2 * v1).sum(-1)
+    v = w2[:, None] * v1 + w1[:, None] * v2 + np.cross(v2, v1)
+    v = np.where(w[:, None] < 0, -v, v)  # the shorter way round
+    norm = np.linalg.norm(v, axis=-1)
+    angle = 2 * np.arctan2(norm, np.abs(w))
+    return (v * (angle / np.maximum(norm, 1e-12))[:, None]).astype(np.float32)
 
 
 def lagged_indices(
@@ -185,7 +218,12 @@ def to_tensors(
     """Samples ``idx`` as tensors; their traces from samples ``trace_idx`` (default: the same)."""
     ids = np.array([instructions.index(s) for s in data["instruction"][idx]])
     tr = idx if trace_idx is None else trace_idx
+    extra = {}
+    for key in ("goal", "goal_rot"):
+        if key in data:
+            extra[key] = torch.from_numpy(data[key][idx].astype(np.float32)).to(device)
     return {
+        **extra,
         "traces": torch.from_numpy(data["traces"][tr].astype(np.float32)).to(device),
         "trace_valid": torch.from_numpy(data["trace_valid"][tr]).to(device),
         "proprio": torch.from_numpy(data["proprio"][idx]).to(device),

@@ -127,12 +127,18 @@ def train_expert(cfg: ExpertTrainConfig, progress: bool = True) -> Path:
         opt.step()
         sched.step()
         if info.main and (step % 50 == 0 or step == cfg.steps - 1):
-            m = {"step": step, "loss": float(loss), "lr": sched.get_last_lr()[0]}
+            m = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]}
             if step % 500 == 0 or step == cfg.steps - 1:
                 expert.eval()
                 with torch.no_grad():
                     vb = to_tensors(data, val_idx, instructions, device)
                     m["val_loss"] = float(expert.loss(vb, torch.Generator(device).manual_seed(0)))
+                    goal = expert.predict_goal(
+                        vb["traces"], vb["trace_valid"], vb["proprio"][:, :3]
+                    )
+                    if goal is not None:  # how far the segment goal is missed, held-out samples
+                        miss = (goal - vb["goal"]).norm(dim=-1).mean()
+                        m["val_goal_err_mm"] = round(float(miss) * 1e3, 2)
                 expert.train()
             metrics.append(m)
             log.write(json.dumps(m) + "\n")

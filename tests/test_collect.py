@@ -133,3 +133,29 @@ def test_only_success_stops_when_the_demonstrator_keeps_failing(tmp_path, env, m
     with pytest.raises(RuntimeError, match="failed 2 seeds in a row"):
         collect(tmp_path / "never", cfg, progress=False, env=env)
     assert finished_episodes(tmp_path / "never") == []
+
+
+def test_train_expert_on_a_recording(tmp_path, env, tiny_model):
+    """Training an expert end to end: μ0 traces cached per episode, an expert that loads, the
+    segment-goal error logged on held-out samples."""
+    from mu0_core.checkpoint import save_checkpoint
+    from policies import load_expert
+    from policies.train import ExpertTrainConfig, train_expert
+
+    collect(tmp_path / "rec", _cfg(1), progress=False, env=env)
+    ckpt = save_checkpoint(tiny_model, tmp_path / "mu0")
+    cfg = ExpertTrainConfig(
+        robot="Panda",
+        data=(str(tmp_path / "rec"),),
+        checkpoint=str(ckpt),
+        out_dir=str(tmp_path / "run"),
+        steps=3,
+        batch_size=4,
+        device="cpu",
+    )
+    final = train_expert(cfg, progress=False)
+    expert = load_expert(final)
+    assert expert.cfg.instructions == ["pick up the cube"] and expert.goal is not None
+    assert len(list((tmp_path / "run/trace_cache").glob("*.safetensors"))) == 1
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and rows[-1]["val_goal_err_mm"] >= 0

@@ -213,3 +213,67 @@ def test_lagged_trace_indices_stay_in_their_episode():
     assert np.all(lagged >= starts[idx])  # never reaches into the previous episode
     assert set(np.unique(idx - lagged)) == {0, 1, 2}  # every lag occurs
     assert np.array_equal(lagged_indices(idx, starts, 0, rng), idx)
+
+
+def test_segment_ends_at_the_next_gripper_event():
+    from policies.data import segment_ends
+
+    grip = np.array([-1, -1, 1, 1, 1, -1, -1, -1], np.float32)  # closes at sample 2
+    starts = np.repeat([0, 5], [5, 3])  # two episodes
+    # Open samples end where it closes; then at the episode's end; never across episodes.
+    np.testing.assert_array_equal(segment_ends(grip, starts), [2, 2, 4, 4, 4, 7, 7, 7])
+
+
+def test_rotation_between_quaternions():
+    from policies.data import rotation_between
+
+    def quat(axis, angle):
+        axis = np.asarray(axis, float) / np.linalg.norm(axis)
+        return np.r_[axis * np.sin(angle / 2), np.cos(angle / 2)][None]
+
+    a, b = quat([0, 0, 1], 0.3), quat([0, 0, 1], 1.0)
+    np.testing.assert_allclose(rotation_between(a, b), [[0, 0, 0.7]], atol=1e-6)
+    np.testing.assert_allclose(rotation_between(a, -b), [[0, 0, 0.7]], atol=1e-6)  # q ~ -q
+    # Non-commuting: x by 90° then z by 90° is the rotation z·x·x⁻¹ = z from x.
+    x, z = quat([1, 0, 0], np.pi / 2), quat([0, 0, 1], np.pi / 2)
+    zx = np.r_[
+        np.cross(z[0, :3], x[0, :3]) + z[0, 3] * x[0, :3] + x[0, 3] * z[0, :3],
+        z[0, 3] * x[0, 3] - z[0, :3] @ x[0, :3],
+    ][None]  # z ⊗ x
+    np.testing.assert_allclose(rotation_between(x, zx), [[0, 0, np.pi / 2]], atol=1e-6)
+
+
+def test_goal_head_trains_and_old_experts_still_load(tmp_path):
+    import json
+
+    from policies.base import CONFIG_FILE, ActionExpertConfig
+
+    e = _expert()
+    assert e.goal is not None and e.cfg.absolute_points
+    B = 4
+    batch = {
+        "traces": torch.randn(B, 5, 32, 3) * 0.1,
+        "trace_valid": torch.ones(B, 5, dtype=torch.bool),
+        "proprio": torch.zeros(B, 16),
+        "instruction_ids": torch.zeros(B, dtype=torch.long),
+        "actions": torch.zeros(B, 16, 7),
+        "action_mask": torch.ones(B, 16, dtype=torch.bool),
+    }
+    g = torch.Generator().manual_seed(0)
+    plain = e.loss(batch, torch.Generator().manual_seed(0))
+    goal = {"goal": torch.full((B, 3), 0.3), "goal_rot": torch.full((B, 3), 0.5)}
+    with_goal = e.loss({**batch, **goal}, g)
+    assert with_goal > plain  # the goal term counts
+    with_goal.backward()
+    assert e.goal[0].weight.grad.abs().sum() > 0
+
+    # An expert saved before the options existed: relative point features and no goal head.
+    path = save_expert(e, tmp_path / "new")
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    for key in ("absolute_points", "goal_weight", "goal_rotation"):
+        del meta["config"][key]
+    cfg = ActionExpertConfig.from_dict(meta["config"])
+    assert not cfg.absolute_points and cfg.goal_weight == 0
+    old = ActionExpert(cfg)
+    assert old.goal is None and old.traces.point[0].in_features == 3 + 3 * 8 + 1
+    assert old.act(_obs(), seed=0).shape == (16, 7)
