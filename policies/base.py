@@ -10,6 +10,9 @@ Inputs (`ExpertObservation`), all in the robot's base frame:
                                     first 7 entries are eef_pos_base[3], eef_quat_base_xyzw[4]
     instruction   str               one of the instructions the expert was trained on
     traces_available  bool          False: no trace (the `no_trace` condition, or a stale one)
+    point_rgb     float32[N, 3]     each query's colour in [0, 1] where it is now
+                                    (`policies.queries.point_colors`); needed with traces
+                                    when the expert was trained with ``point_colors``
 
 Output: float32[chunk, 7] actions in the env's convention (OSC_POSE delta in the base frame,
 1 ↔ 5 cm or 0.5 rad per step; gripper -1 open, +1 close); execute the first ``execute``.
@@ -17,7 +20,8 @@ Output: float32[chunk, 7] actions in the env's convention (OSC_POSE delta in the
 Traces enter as per-point features, in decimetres: where the point is now relative to the
 gripper, where it is in the base frame (``absolute_points``: the height above the table is what
 tells the object from the table it stands on), and where it will be at ``trace_steps`` samples
-of the horizon relative to now. A set encoder (per-point
+of the horizon relative to now; with ``point_colors``, also the point's colour in the image
+(positions alone tell the red cube from the green one only by size). A set encoder (per-point
 MLP, then attention pooling with a learned query) makes the order of the scene points
 irrelevant. During training the whole trace context is replaced with a learned "no trace"
 vector with probability ``trace_dropout``, so one network serves both the trace-conditioned
@@ -62,6 +66,7 @@ class ExpertObservation:
     proprio: np.ndarray  # float32[D]
     instruction: str
     traces_available: bool = True
+    point_rgb: np.ndarray | None = None  # float32[N, 3] in [0, 1]
 
 
 @dataclass
@@ -86,6 +91,7 @@ class ActionExpertConfig:
     # Each point's base-frame position joins its features (experts saved before this option
     # existed load with it off: see from_dict).
     absolute_points: bool = True
+    point_colors: bool = True  # each point's colour (ExpertObservation.point_rgb) joins too
     # Training only: weight of the segment-goal auxiliary loss (module docstring); 0 = off.
     goal_weight: float = 1.0
     goal_rotation: bool = True  # the goal also has the rotation (rad) to the segment's end
@@ -102,7 +108,12 @@ class ActionExpertConfig:
         if unknown:
             raise ValueError(f"unknown action-expert config keys: {sorted(unknown)}")
         # Experts saved before these options existed: relative point features, no goal head.
-        legacy = {"absolute_points": False, "goal_weight": 0.0, "goal_rotation": False}
+        legacy = {
+            "absolute_points": False,
+            "point_colors": False,
+            "goal_weight": 0.0,
+            "goal_rotation": False,
+        }
         return cls(**{**legacy, **d})
 
 
@@ -161,7 +172,11 @@ class ActionExpert(nn.Module):
         super().__init__()
         self.cfg = cfg
         W = cfg.width
-        point_in = (6 if cfg.absolute_points else 3) + 3 * len(cfg.trace_steps)
+        point_in = (
+            (6 if cfg.absolute_points else 3)
+            + (3 if cfg.point_colors else 0)
+            + 3 * len(cfg.trace_steps)
+        )
         self.traces = TraceSetEncoder(point_in, cfg.point_width, W)
         self.no_trace = nn.Parameter(torch.zeros(W))
         self.goal = (
@@ -201,14 +216,26 @@ class ActionExpert(nn.Module):
         return self.no_trace.device
 
     # -- features --------------------------------------------------------------------------
-    def point_features(self, traces: Tensor, eef_pos: Tensor) -> Tensor:
-        """traces [B, N, T, 3] (base frame, m), eef_pos [B, 3] → [B, N, 3 (+ 3) + 3 S]."""
+    def point_features(
+        self, traces: Tensor, eef_pos: Tensor, point_rgb: Tensor | None = None
+    ) -> Tensor:
+        """traces [B, N, T, 3] (base frame, m), eef_pos [B, 3], point_rgb [B, N, 3] in [0, 1]
+        → [B, N, 3 (+ 3) + 3 S (+ 3)]."""
         now = traces[:, :, 0]  # the first horizon step is where the point is now
         steps = torch.as_tensor(self.cfg.trace_steps, device=traces.device)
         steps = steps.clamp(max=traces.shape[2] - 1)
         fut = traces[:, :, steps] - now[:, :, None]
         parts = [now - eef_pos[:, None]] + ([now] if self.cfg.absolute_points else [])
-        return torch.cat([*parts, fut.flatten(2)], dim=-1) / TRACE_SCALE_M
+        feats = torch.cat([*parts, fut.flatten(2)], dim=-1) / TRACE_SCALE_M
+        if not self.cfg.point_colors:
+            return feats
+        if point_rgb is None or point_rgb.shape != now.shape:
+            raise ValueError(
+                f"this {self.cfg.embodiment} expert was trained with point colours: it needs "
+                f"point_rgb [B, N, 3] beside traces {list(traces.shape)}, got "
+                f"{None if point_rgb is None else list(point_rgb.shape)}"
+            )
+        return torch.cat([feats, 2 * point_rgb - 1], dim=-1)
 
     def encode_context(
         self,
@@ -217,20 +244,28 @@ class ActionExpert(nn.Module):
         proprio: Tensor,
         instruction_ids: Tensor,
         traces_available: Tensor,
+        point_rgb: Tensor | None = None,
     ) -> Tensor:
         """traces [B, N, T, 3], trace_valid [B, N], proprio [B, D], instruction_ids [B],
-        traces_available bool[B] → context [B, W]."""
+        traces_available bool[B], point_rgb [B, N, 3] → context [B, W]."""
         return self._context(
-            self.trace_code(traces, trace_valid, proprio[:, :3]),
+            self.trace_code(traces, trace_valid, proprio[:, :3], point_rgb),
             trace_valid,
             proprio,
             instruction_ids,
             traces_available,
         )
 
-    def trace_code(self, traces: Tensor, trace_valid: Tensor, eef_pos: Tensor) -> Tensor:
+    def trace_code(
+        self,
+        traces: Tensor,
+        trace_valid: Tensor,
+        eef_pos: Tensor,
+        point_rgb: Tensor | None = None,
+    ) -> Tensor:
         """The set encoding of the traces: [B, W]."""
-        feats = torch.nan_to_num(self.point_features(traces, eef_pos)).clamp(-20, 20)
+        feats = self.point_features(traces, eef_pos, point_rgb)
+        feats = torch.nan_to_num(feats).clamp(-20, 20)
         return self.traces(feats, trace_valid)
 
     def _context(
@@ -253,25 +288,34 @@ class ActionExpert(nn.Module):
         return self.head(h).view_as(x_t)
 
     # -- training ---------------------------------------------------------------------------
-    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+    def loss(
+        self,
+        batch: dict[str, Tensor],
+        generator: torch.Generator | None = None,
+        traces: bool | None = None,
+    ) -> Tensor:
         """Flow matching: x_t = (1 - t) ε + t a, the network predicts a - ε; plus the
         segment-goal loss when the batch has ``goal`` [B, 3] (base frame, m) and ``goal_rot``
         [B, 3] (rad) and the config a ``goal_weight``. ``batch``: traces, trace_valid, proprio,
-        instruction_ids, actions [B, chunk, 7], action_mask [B, chunk] (, goal, goal_rot)."""
+        instruction_ids, actions [B, chunk, 7], action_mask [B, chunk] (, goal, goal_rot).
+        ``traces``: None drops them with ``trace_dropout``; True or False for every sample."""
         a = batch["actions"]
         B = a.shape[0]
         dev = a.device
-        available = torch.rand(B, device=dev, generator=generator) >= self.cfg.trace_dropout
-        traces, valid = batch["traces"], batch["trace_valid"]
+        if traces is None:
+            available = torch.rand(B, device=dev, generator=generator) >= self.cfg.trace_dropout
+        else:
+            available = torch.full((B,), traces, dtype=torch.bool, device=dev)
+        tr, valid = batch["traces"], batch["trace_valid"]
         if self.training:
-            N = traces.shape[1]
+            N = tr.shape[1]
             keep = torch.rand(B, N, device=dev, generator=generator) >= self.cfg.point_dropout
             keep[:, 0] = True  # the gripper stays
             valid = valid & keep
             shift = torch.randn(B, N, 1, 3, device=dev, generator=generator)
-            traces = traces + self.cfg.trace_jitter_m * shift
+            tr = tr + self.cfg.trace_jitter_m * shift
         eef = batch["proprio"][:, :3]
-        code = self.trace_code(traces, valid, eef)
+        code = self.trace_code(tr, valid, eef, batch.get("point_rgb"))
         ctx = self._context(code, valid, batch["proprio"], batch["instruction_ids"], available)
         aux = a.new_zeros(())
         if self.goal is not None and "goal" in batch:
@@ -300,12 +344,18 @@ class ActionExpert(nn.Module):
             ) from None
 
     @torch.no_grad()
-    def predict_goal(self, traces: Tensor, trace_valid: Tensor, eef_pos: Tensor) -> Tensor | None:
+    def predict_goal(
+        self,
+        traces: Tensor,
+        trace_valid: Tensor,
+        eef_pos: Tensor,
+        point_rgb: Tensor | None = None,
+    ) -> Tensor | None:
         """Where the expert expects the gripper at the end of the current motion segment
         (base frame, m): [B, 3], or None for an expert trained without the goal loss."""
         if self.goal is None:
             return None
-        code = self.trace_code(traces, trace_valid, eef_pos)
+        code = self.trace_code(traces, trace_valid, eef_pos, point_rgb)
         return eef_pos + self.goal(code)[:, :3] * TRACE_SCALE_M
 
     @torch.no_grad()
@@ -336,12 +386,27 @@ class ActionExpert(nn.Module):
                 f"{list(traces.shape)} and {list(valid.shape)}"
             )
         traces, valid = traces[: self.cfg.max_points], valid[: self.cfg.max_points]
+        rgb = None
+        if self.cfg.point_colors:
+            if obs.point_rgb is None and obs.traces_available:
+                raise ValueError(
+                    f"this {self.embodiment} expert was trained with point colours: pass "
+                    "ExpertObservation.point_rgb (policies.queries.point_colors of the request)"
+                )
+            rgb = np.zeros(traces.shape[:1] + (3,), np.float32)
+            if obs.point_rgb is not None:
+                given = np.asarray(obs.point_rgb, np.float32)
+                if given.ndim != 2 or given.shape[1] != 3 or len(given) < len(traces):
+                    raise ValueError(f"point_rgb must be [N, 3], got {list(given.shape)}")
+                rgb = given[: len(traces)]
+            rgb = torch.from_numpy(rgb)[None].to(dev)
         ctx = self.encode_context(
             torch.from_numpy(traces)[None].to(dev),
             torch.from_numpy(valid)[None].to(dev),
             torch.from_numpy(proprio)[None].to(dev),
             torch.tensor([self.instruction_id(obs.instruction)], device=dev),
             torch.tensor([bool(obs.traces_available)], device=dev),
+            rgb,
         )
         gen = None
         if seed is not None:

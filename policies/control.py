@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from policies.base import ExpertObservation
-from policies.queries import QueryBuilder, query_points_cam, traces_to_base
+from policies.queries import QueryBuilder, point_colors, query_points_cam, traces_to_base
 
 CONDITIONS = ("mu0", "no_trace", "oracle")
 
@@ -159,9 +159,10 @@ def run_episode(
     res = EpisodeResult(success=False, steps=0)
     period = 1.0 / cfg.rate_hz
     last_gripper = -1.0
-    sent: dict[float, np.ndarray] = {}  # capture time → T_base_cam of what was sent
+    # capture time → (T_base_cam, point colours) of what was sent
+    sent: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     streak = 0
-    traces_base, trace_valid = None, None
+    traces_base, trace_valid, point_rgb = None, None, None
     for step in range(max_steps):
         t0 = time.perf_counter()
         qb.observe(obs["proprio"][:3])
@@ -176,24 +177,27 @@ def run_episode(
         if condition == "mu0":
             captured = time.monotonic()
             client.submit(wire, captured_at=captured)
-            sent[captured] = T_base_cam
+            sent[captured] = (T_base_cam, point_colors(wire))
             if len(sent) > 64:
                 sent.pop(next(iter(sent)))
         if need_chunk:
             available = True
             if condition == "mu0":
                 reply = client.latest(max_age_s=cfg.trace_max_age_s)
-                if reply is None:
+                # A reply for a frame this loop no longer knows (evicted) is not used.
+                if reply is None or reply.captured_at not in sent:
                     available = False
                 else:
-                    # The trace answers an earlier observation: use that frame's calibration.
-                    T_sent = sent.get(reply.captured_at, T_base_cam)
+                    # The trace answers an earlier observation: use that frame's calibration
+                    # and colours.
+                    T_sent, point_rgb = sent[reply.captured_at]
                     traces_base = traces_to_base(reply["traces_xyz_cam"], T_sent)
                     trace_valid = np.ones(len(traces_base), bool)
                     res.trace_age_ms.append(reply.age_s * 1e3)
                     res.trace_rtt_ms.append(reply.round_trip_ms)
             elif condition == "oracle":
                 traces_base = oracle(env, wire, T_base_cam)
+                point_rgb = point_colors(wire)
                 trace_valid = np.ones(len(traces_base), bool)
                 res.trace_age_ms.append(0.0)
             if condition == "no_trace" or available:
@@ -207,6 +211,7 @@ def run_episode(
                         proprio=obs["proprio"],
                         instruction=obs["instruction"],
                         traces_available=condition != "no_trace",
+                        point_rgb=point_rgb,
                     ),
                     seed=seed * 1000 + step,
                 )

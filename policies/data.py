@@ -21,7 +21,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from policies.queries import QueryBuilder, traces_to_base
+from policies.queries import QueryBuilder, point_colors, traces_to_base
 
 
 def _T_world_base(source, episode) -> np.ndarray:
@@ -58,6 +58,28 @@ def _state_actions(source, episode_id: str) -> tuple[np.ndarray, np.ndarray]:
     return state, actions
 
 
+def episode_queries(
+    source, episode_id: str, stride: int = 2, num_scene_points: int = 32
+) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """The trace requests of a recorded episode, one every ``stride`` frames, built as the
+    control loop builds them, with each frame's ``T_base_cam``."""
+    ep = source.load(episode_id)
+    state, _ = _state_actions(source, episode_id)
+    T_base_world = np.linalg.inv(_T_world_base(source, ep))
+    qb = QueryBuilder(num_scene_points)
+    obs_list, T_list = [], []
+    for t in range(ep.num_frames):
+        qb.observe(state[t, :3])
+        if t % stride:
+            continue
+        T_base_cam = T_base_world @ ep.T_world_cam[t].astype(np.float64)
+        obs_list.append(
+            qb.build(ep.rgb[t], ep.depth_m[t], ep.intrinsics[t], T_base_cam, ep.instruction)
+        )
+        T_list.append(T_base_cam)
+    return obs_list, T_list
+
+
 def episode_samples(
     source,
     episode_id: str,
@@ -68,23 +90,9 @@ def episode_samples(
     batch: int = 16,
 ) -> dict[str, np.ndarray]:
     """One recorded episode → arrays of expert samples (see the module docstring)."""
-    ep = source.load(episode_id)
     state, actions = _state_actions(source, episode_id)
-    F = ep.num_frames
-    T_world_base = _T_world_base(source, ep)
-    T_base_world = np.linalg.inv(T_world_base)
-    qb = QueryBuilder(num_scene_points)
-    frames = list(range(0, F, stride))
-    obs_list, T_list = [], []
-    for t in range(F):
-        qb.observe(state[t, :3])
-        if t % stride:
-            continue
-        T_base_cam = T_base_world @ ep.T_world_cam[t].astype(np.float64)
-        obs_list.append(
-            qb.build(ep.rgb[t], ep.depth_m[t], ep.intrinsics[t], T_base_cam, ep.instruction)
-        )
-        T_list.append(T_base_cam)
+    obs_list, T_list = episode_queries(source, episode_id, stride, num_scene_points)
+    frames = list(range(0, stride * len(obs_list), stride))
     traces = []
     for i in range(0, len(obs_list), batch):
         preds = trace_model.predict_batch(obs_list[i : i + batch])
@@ -104,7 +112,8 @@ def episode_samples(
         "proprio": state[frames],
         "actions": chunks,
         "action_mask": mask,
-        "instruction": np.array([ep.instruction] * S),
+        "instruction": np.array([obs_list[0]["instruction"]] * S),
+        "point_rgb": np.stack([point_colors(o) for o in obs_list]).astype(np.float16),
     }
 
 
@@ -141,14 +150,14 @@ def build_expert_dataset(
         if f.is_file():
             arrs = load_file(str(f))
             instr = json.loads((cache_dir / f"{name}.json").read_text())["instruction"]
+            if "point_rgb" not in arrs:  # cached before colours were kept: no μ0 call needed
+                obs_list, _ = episode_queries(src, eid, stride, num_scene_points)
+                arrs["point_rgb"] = np.stack([point_colors(o) for o in obs_list]).astype(np.float16)
+                _save_cache(f, arrs, instr)
             arrs["instruction"] = np.array([instr] * len(arrs["proprio"]))
         else:
             arrs = episode_samples(src, eid, trace_model, chunk, stride, num_scene_points)
-            instr = str(arrs["instruction"][0])
-            tmp = f.with_suffix(".tmp")
-            save_file({k: v for k, v in arrs.items() if k != "instruction"}, str(tmp))
-            tmp.replace(f)
-            (cache_dir / f"{name}.json").write_text(json.dumps({"instruction": instr}))
+            _save_cache(f, arrs, str(arrs["instruction"][0]))
         parts.append(arrs)
     if not parts:
         raise ValueError(f"no episodes in {[str(d) for d in episode_dirs]}")
@@ -169,6 +178,13 @@ def build_expert_dataset(
     out["goal_rot"] = rotation_between(out["proprio"][:, 3:7], out["proprio"][ends, 3:7])
     out["instructions"] = sorted(set(out["instruction"].tolist()))
     return out
+
+
+def _save_cache(f: Path, arrs: dict[str, np.ndarray], instruction: str) -> None:
+    tmp = f.with_suffix(".tmp")
+    save_file({k: v for k, v in arrs.items() if k != "instruction"}, str(tmp))
+    tmp.replace(f)
+    f.with_suffix(".json").write_text(json.dumps({"instruction": instruction}))
 
 
 def segment_ends(gripper: np.ndarray, episode_start: np.ndarray) -> np.ndarray:
@@ -222,6 +238,8 @@ def to_tensors(
     for key in ("goal", "goal_rot"):
         if key in data:
             extra[key] = torch.from_numpy(data[key][idx].astype(np.float32)).to(device)
+    if "point_rgb" in data:  # the colours of the points whose traces these are
+        extra["point_rgb"] = torch.from_numpy(data["point_rgb"][tr].astype(np.float32)).to(device)
     return {
         **extra,
         "traces": torch.from_numpy(data["traces"][tr].astype(np.float32)).to(device),

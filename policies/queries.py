@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mu0_core.geometry import invert_transform, transform_points, xyz_to_uvz
+from mu0_core.geometry import invert_transform, transform_points, uv_to_pixels, xyz_to_uvz
 from runtime.model_api import HISTORY_STEPS, uvz_to_xyz_cam
 
 DEFAULT_SCENE_POINTS = 32
@@ -114,6 +114,21 @@ class QueryBuilder:
             "hist_valid": valid,
             "intrinsics": np.asarray(intrinsics, np.float32),
         }
+
+
+def point_colors(obs: dict[str, Any], radius: int = 1) -> np.ndarray:
+    """The colour of every query of a wire observation where it is now: float32[N, 3] in
+    [0, 1], the mean RGB of the (2 radius + 1)² pixels around it. Positions alone do not tell
+    the red cube from the green one, nor an object from the arm's edge beside it."""
+    rgb = np.asarray(obs["rgb"])
+    H, W = rgb.shape[:2]
+    uv = np.asarray(obs["hist_uvz"], np.float64)[:, -1, :2]
+    px = uv_to_pixels(uv, W, H)
+    u = np.round(px[:, 0]).astype(int)[:, None] + np.arange(-radius, radius + 1)[None]
+    v = np.round(px[:, 1]).astype(int)[:, None] + np.arange(-radius, radius + 1)[None]
+    u, v = u.clip(0, W - 1), v.clip(0, H - 1)
+    patch = rgb[v[:, :, None], u[:, None, :]]  # [N, k, k, 3]
+    return (patch.reshape(len(uv), -1, 3).mean(1) / 255.0).astype(np.float32)
 
 
 def traces_to_base(traces_xyz_cam: np.ndarray, T_base_cam: np.ndarray) -> np.ndarray:

@@ -65,6 +65,39 @@ def _plot(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def split_episodes(
+    episode_start: np.ndarray, val_share: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample indices (validation, training), split by whole episodes: samples of one
+    episode are near-duplicates, so a random sample split would measure memory, not how the
+    expert does on a scene it has not seen. At least one episode each when there are two."""
+    episodes = np.unique(episode_start)
+    n_val = int(round(len(episodes) * val_share))
+    n_val = min(max(n_val, 1), len(episodes) - 1) if len(episodes) > 1 else 0
+    held = rng.choice(episodes, size=n_val, replace=False)
+    is_val = np.isin(episode_start, held)
+    if not is_val.any():  # one episode: validate on (part of) what it trains on
+        return np.arange(len(episode_start)), np.arange(len(episode_start))
+    return np.flatnonzero(is_val), np.flatnonzero(~is_val)
+
+
+@torch.no_grad()
+def validation_metrics(expert: ActionExpert, vb: dict, device) -> dict[str, float]:
+    """Held-out flow-matching losses with and without traces (the same noise draws) and the
+    segment-goal miss: how much the expert gets from the traces on episodes it never saw."""
+    flow_only = {k: v for k, v in vb.items() if k not in ("goal", "goal_rot")}
+    out = {
+        key: float(expert.loss(flow_only, torch.Generator(device).manual_seed(0), traces=use))
+        for key, use in (("val_loss", True), ("val_loss_no_trace", False))
+    }
+    goal = expert.predict_goal(
+        vb["traces"], vb["trace_valid"], vb["proprio"][:, :3], vb.get("point_rgb")
+    )
+    if goal is not None:
+        out["val_goal_err_mm"] = round(float((goal - vb["goal"]).norm(dim=-1).mean()) * 1e3, 2)
+    return out
+
+
 def train_expert(cfg: ExpertTrainConfig, progress: bool = True) -> Path:
     info, device = setup_distributed(cfg.device)
     out = Path(cfg.out_dir)
@@ -99,9 +132,7 @@ def train_expert(cfg: ExpertTrainConfig, progress: bool = True) -> Path:
 
     S = len(data["proprio"])
     rng = np.random.default_rng(cfg.seed)
-    perm = rng.permutation(S)
-    n_val = max(1, int(S * cfg.val_share))
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    val_idx, train_idx = split_episodes(data["episode_start"], cfg.val_share, rng)
     opt = torch.optim.AdamW(expert.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05
@@ -132,13 +163,7 @@ def train_expert(cfg: ExpertTrainConfig, progress: bool = True) -> Path:
                 expert.eval()
                 with torch.no_grad():
                     vb = to_tensors(data, val_idx, instructions, device)
-                    m["val_loss"] = float(expert.loss(vb, torch.Generator(device).manual_seed(0)))
-                    goal = expert.predict_goal(
-                        vb["traces"], vb["trace_valid"], vb["proprio"][:, :3]
-                    )
-                    if goal is not None:  # how far the segment goal is missed, held-out samples
-                        miss = (goal - vb["goal"]).norm(dim=-1).mean()
-                        m["val_goal_err_mm"] = round(float(miss) * 1e3, 2)
+                    m |= validation_metrics(expert, vb, device)
                 expert.train()
             metrics.append(m)
             log.write(json.dumps(m) + "\n")

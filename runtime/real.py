@@ -236,6 +236,7 @@ class _Sent:
     T_base_eef: np.ndarray
     proprio: np.ndarray
     frame_number: int
+    point_rgb: np.ndarray  # float32[N, 3]: the queries' colours (policies.queries.point_colors)
 
 
 @dataclass
@@ -326,10 +327,11 @@ class RealLoop:
         log_path: str | Path | None = None,
     ) -> None:
         from policies.base import ExpertObservation
-        from policies.queries import traces_to_base
+        from policies.queries import point_colors, traces_to_base
 
         self._ExpertObservation = ExpertObservation
         self._traces_to_base = traces_to_base
+        self._point_colors = point_colors
         self._act_takes_seed = "seed" in inspect.signature(expert.act).parameters
         self.camera, self.arm, self.client, self.expert = camera, arm, client, expert
         self.calibration = calibration
@@ -412,7 +414,9 @@ class RealLoop:
         proprio = make_proprio(
             T_exp @ T_eef_cap, gripper, joints, self.s.gripper_open, self.s.gripper_closed
         )
-        self.sent[frame.captured_at] = _Sent(T_base_cam, T_eef_cap, proprio, frame.frame_number)
+        self.sent[frame.captured_at] = _Sent(
+            T_base_cam, T_eef_cap, proprio, frame.frame_number, self._point_colors(obs)
+        )
         while len(self.sent) > 64:
             self.sent.pop(next(iter(self.sent)))
         self.summary.frames_sent += 1
@@ -444,6 +448,7 @@ class RealLoop:
             trace_valid=np.ones(len(traces_base), bool),
             proprio=sent.proprio,
             instruction=self.instruction,
+            point_rgb=sent.point_rgb,
         )
         t0 = time.perf_counter()
         if self._act_takes_seed:

@@ -159,3 +159,4 @@ def test_train_expert_on_a_recording(tmp_path, env, tiny_model):
     assert len(list((tmp_path / "run/trace_cache").glob("*.safetensors"))) == 1
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and rows[-1]["val_goal_err_mm"] >= 0
+    assert rows[-1]["val_loss"] > 0 and rows[-1]["val_loss_no_trace"] > 0

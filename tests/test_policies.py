@@ -26,6 +26,7 @@ def _obs(n: int = 5, proprio_dim: int = 16, instruction: str = INSTR[0]) -> Expe
         trace_valid=np.ones(n, bool),
         proprio=rng.normal(size=proprio_dim).astype(np.float32),
         instruction=instruction,
+        point_rgb=rng.uniform(size=(n, 3)).astype(np.float32),
     )
 
 
@@ -55,6 +56,12 @@ def test_act_rejects_bad_input_with_clear_errors():
     bad.trace_valid = np.ones(4, bool)
     with pytest.raises(ValueError, match="traces_base must be"):
         e.act(bad)
+    no_rgb = _obs()
+    no_rgb.point_rgb = None
+    with pytest.raises(ValueError, match="trained with point colours: pass"):
+        e.act(no_rgb)
+    no_rgb.traces_available = False  # without traces there is nothing to colour
+    assert e.act(no_rgb, seed=0).shape == (16, 7)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -98,6 +105,7 @@ def test_expert_learns_to_use_traces(one_thread):
         "instruction_ids": torch.zeros(B, dtype=torch.long),
         "actions": actions,
         "action_mask": torch.ones(B, 16, dtype=torch.bool),
+        "point_rgb": torch.full((B, 4, 3), 0.5),
     }
     opt = torch.optim.AdamW(e.parameters(), lr=2e-3)
     for _ in range(250):
@@ -114,6 +122,7 @@ def test_expert_learns_to_use_traces(one_thread):
             batch["proprio"][:32],
             batch["instruction_ids"][:32],
             torch.full((32,), available),
+            batch["point_rgb"][:32],
         )
         pred = e.sample(ctx, torch.Generator().manual_seed(1))
         errs[available] = float((pred[..., :3] - actions[:32, :, :3]).abs().mean())
@@ -258,6 +267,7 @@ def test_goal_head_trains_and_old_experts_still_load(tmp_path):
         "instruction_ids": torch.zeros(B, dtype=torch.long),
         "actions": torch.zeros(B, 16, 7),
         "action_mask": torch.ones(B, 16, dtype=torch.bool),
+        "point_rgb": torch.rand(B, 5, 3),
     }
     g = torch.Generator().manual_seed(0)
     plain = e.loss(batch, torch.Generator().manual_seed(0))
@@ -270,10 +280,124 @@ def test_goal_head_trains_and_old_experts_still_load(tmp_path):
     # An expert saved before the options existed: relative point features and no goal head.
     path = save_expert(e, tmp_path / "new")
     meta = json.loads((path / CONFIG_FILE).read_text())
-    for key in ("absolute_points", "goal_weight", "goal_rotation"):
+    for key in ("absolute_points", "point_colors", "goal_weight", "goal_rotation"):
         del meta["config"][key]
     cfg = ActionExpertConfig.from_dict(meta["config"])
-    assert not cfg.absolute_points and cfg.goal_weight == 0
+    assert not cfg.absolute_points and not cfg.point_colors and cfg.goal_weight == 0
     old = ActionExpert(cfg)
     assert old.goal is None and old.traces.point[0].in_features == 3 + 3 * 8 + 1
     assert old.act(_obs(), seed=0).shape == (16, 7)
+    legacy_obs = _obs()
+    legacy_obs.point_rgb = None  # experts without colours never needed them
+    assert old.act(legacy_obs, seed=0).shape == (16, 7)
+
+
+def test_validation_holds_out_whole_episodes():
+    from policies.train import split_episodes
+
+    starts = np.repeat(np.arange(0, 200, 10), 10)  # 20 episodes of 10 samples
+    val, train = split_episodes(starts, 0.1, np.random.default_rng(0))
+    assert len(val) == 20 and len(train) == 180
+    assert not set(starts[val]) & set(starts[train])  # no episode on both sides
+    assert sorted(np.r_[val, train]) == list(range(200))
+    # One episode: nothing to hold out, so it validates on what it trains on.
+    val1, train1 = split_episodes(np.zeros(5, np.int64), 0.1, np.random.default_rng(0))
+    assert list(val1) == list(train1) == list(range(5))
+
+
+def test_validation_losses_with_and_without_traces():
+    from policies.train import validation_metrics
+
+    e = _expert().eval()
+    with torch.no_grad():  # the action head starts at zero, which would ignore any context
+        e.head[1].weight.normal_(0, 0.1)
+    B = 6
+    batch = {
+        "traces": torch.randn(B, 5, 32, 3) * 0.1,
+        "trace_valid": torch.ones(B, 5, dtype=torch.bool),
+        "proprio": torch.randn(B, 16),
+        "instruction_ids": torch.zeros(B, dtype=torch.long),
+        "actions": torch.rand(B, 16, 7) * 2 - 1,
+        "action_mask": torch.ones(B, 16, dtype=torch.bool),
+        "goal": torch.randn(B, 3) * 0.1,
+        "goal_rot": torch.zeros(B, 3),
+        "point_rgb": torch.rand(B, 5, 3),
+    }
+    m = validation_metrics(e, batch, "cpu")
+    assert set(m) == {"val_loss", "val_loss_no_trace", "val_goal_err_mm"}
+    # Without traces the context is the learned "no trace" vector: a different loss.
+    with torch.no_grad():
+        e.no_trace.fill_(3.0)
+    m2 = validation_metrics(e, batch, "cpu")
+    assert m2["val_loss"] == pytest.approx(m["val_loss"])
+    assert m2["val_loss_no_trace"] != pytest.approx(m["val_loss_no_trace"])
+
+
+def test_point_colors_are_read_where_each_query_is():
+    from policies.queries import point_colors
+
+    rgb = np.full((48, 64, 3), 255, np.uint8)
+    rgb[10:15, 20:25] = (200, 0, 0)  # a red patch around pixel (22, 12)
+    rgb[30:35, 40:45] = (0, 150, 0)  # a green one around (42, 32)
+    px = np.array([[22.0, 12.0], [42.0, 32.0], [5.0, 40.0], [63.0, 0.0]])
+    hist = np.zeros((4, 8, 3), np.float32)
+    hist[:, -1, 0] = (2 * px[:, 0] + 1) / 64 - 1  # normalised uv (pixel centres)
+    hist[:, -1, 1] = (2 * px[:, 1] + 1) / 48 - 1
+    c = point_colors({"rgb": rgb, "hist_uvz": hist})
+    assert c.shape == (4, 3) and c.dtype == np.float32
+    np.testing.assert_allclose(c[0], [200 / 255, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(c[1], [0, 150 / 255, 0], atol=1e-6)
+    np.testing.assert_allclose(c[2:], 1.0)  # white table; the image's corner is clipped
+
+
+def test_expert_tells_points_apart_by_colour(one_thread):
+    """Move to the red one of two still points: learnable only from their colours."""
+    torch.manual_seed(0)
+    cfg = expert_config("Panda", INSTR[:1])
+    cfg.trace_dropout, cfg.point_dropout, cfg.goal_weight = 0.0, 0.0, 0.0
+    cfg.width, cfg.point_width, cfg.depth = 128, 64, 2
+    g = torch.Generator().manual_seed(0)
+    B = 128
+    where = torch.randn(B, 2, 3, generator=g) * 0.05  # two still points
+    red_first = torch.rand(B, generator=g) < 0.5
+    target = torch.where(red_first[:, None], where[:, 0], where[:, 1])
+    traces = torch.zeros(B, 3, 32, 3)
+    traces[:, 1:] = where[:, :, None]
+    red, green = torch.tensor([0.8, 0.1, 0.1]), torch.tensor([0.1, 0.7, 0.1])
+    rgb = torch.full((B, 3, 3), 0.5)
+    rgb[:, 1] = torch.where(red_first[:, None], red, green)
+    rgb[:, 2] = torch.where(red_first[:, None], green, red)
+    actions = torch.zeros(B, 16, 7)
+    actions[..., :3] = (target / 0.1).clamp(-1, 1)[:, None]
+    batch = {
+        "traces": traces,
+        "trace_valid": torch.ones(B, 3, dtype=torch.bool),
+        "proprio": torch.zeros(B, 16),
+        "instruction_ids": torch.zeros(B, dtype=torch.long),
+        "actions": actions,
+        "action_mask": torch.ones(B, 16, dtype=torch.bool),
+    }
+    errs = {}
+    for colors in (True, False):
+        cfg.point_colors = colors
+        torch.manual_seed(0)
+        e = ActionExpert(cfg)
+        b = {**batch, "point_rgb": rgb} if colors else batch
+        opt = torch.optim.AdamW(e.parameters(), lr=2e-3)
+        for _ in range(250):
+            loss = e.loss(b, g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        e.eval()
+        ctx = e.encode_context(
+            traces,
+            b["trace_valid"],
+            b["proprio"],
+            b["instruction_ids"],
+            torch.ones(B, dtype=torch.bool),
+            b.get("point_rgb"),
+        )
+        pred = e.sample(ctx, torch.Generator().manual_seed(1))
+        errs[colors] = float((pred[..., :3] - actions[..., :3]).abs().mean())
+    assert errs[True] < 0.5 * errs[False], errs

@@ -213,7 +213,7 @@ class _Queries:
 
     def build(self, rgb, depth, K, T_base_cam, instruction):
         self.T_base_cam.append(np.array(T_base_cam))
-        return {"rgb": rgb}
+        return {"rgb": rgb, "hist_uvz": np.zeros((2, 8, 3), np.float32)}  # two queries
 
 
 def _calibration(kind="eye_to_hand"):
