@@ -27,6 +27,11 @@ irrelevant. During training the whole trace context is replaced with a learned "
 vector with probability ``trace_dropout``, so one network serves both the trace-conditioned
 and the trace-free conditions, and holds a sensible policy when traces go stale.
 
+Traces longer than any the expert trained on are shortened to the longest it saw
+(``future_clip_m``, per trace step): a network extrapolates badly, and μ0's forecasts move far
+less than the truth, so without this the ground-truth traces of the ``oracle`` condition made
+the arm flail.
+
 Traces are easy to ignore: imitation from a few dozen demonstrations fits the actions from
 proprioception alone nearly as well (measured: identical held-out action error with and
 without traces), and the robot then reaches where the object usually is, not where it is. So
@@ -97,6 +102,10 @@ class ActionExpertConfig:
     goal_rotation: bool = True  # the goal also has the rotation (rad) to the segment's end
     proprio_mean: list[float] | None = None
     proprio_std: list[float] | None = None
+    # The longest displacement (m) at each of ``trace_steps`` among the traces it trained on:
+    # longer ones are shortened to it, as the network never learned what they mean (set by
+    # train-expert; None = no limit).
+    future_clip_m: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,6 +206,15 @@ class ActionExpert(nn.Module):
         std = cfg.proprio_std or [1.0] * cfg.proprio_dim
         self.register_buffer("p_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("p_std", torch.tensor(std, dtype=torch.float32), persistent=False)
+        clip = None
+        if cfg.future_clip_m is not None:
+            if len(cfg.future_clip_m) != len(cfg.trace_steps):
+                raise ValueError(
+                    f"future_clip_m needs one length per trace step ({len(cfg.trace_steps)}), "
+                    f"got {len(cfg.future_clip_m)}"
+                )
+            clip = torch.tensor(cfg.future_clip_m, dtype=torch.float32)
+        self.register_buffer("f_clip", clip, persistent=False)
 
     # -- properties the control loop reads ----------------------------------------------
     @property
@@ -224,7 +242,10 @@ class ActionExpert(nn.Module):
         now = traces[:, :, 0]  # the first horizon step is where the point is now
         steps = torch.as_tensor(self.cfg.trace_steps, device=traces.device)
         steps = steps.clamp(max=traces.shape[2] - 1)
-        fut = traces[:, :, steps] - now[:, :, None]
+        fut = traces[:, :, steps] - now[:, :, None]  # [B, N, S, 3]
+        if self.f_clip is not None:
+            norm = fut.norm(dim=-1, keepdim=True).clamp_min(1e-9)
+            fut = fut * (self.f_clip[:, None] / norm).clamp(max=1.0)
         parts = [now - eef_pos[:, None]] + ([now] if self.cfg.absolute_points else [])
         feats = torch.cat([*parts, fut.flatten(2)], dim=-1) / TRACE_SCALE_M
         if not self.cfg.point_colors:

@@ -65,6 +65,18 @@ def _plot(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def longest_futures(traces: np.ndarray, trace_steps: list[int]) -> list[float]:
+    """The longest displacement from now (m) at each trace step, over every point of every
+    sample: [S, N, T, 3] → one length per step (``ActionExpertConfig.future_clip_m``)."""
+    steps = np.minimum(np.asarray(trace_steps), traces.shape[2] - 1)
+    longest = np.zeros(len(steps))
+    for i in range(0, len(traces), 1024):  # in slices: the float16 traces stay small
+        tr = traces[i : i + 1024].astype(np.float32)
+        d = np.linalg.norm(tr[:, :, steps] - tr[:, :, :1], axis=-1)  # [s, N, S]
+        longest = np.maximum(longest, d.max(axis=(0, 1)))
+    return [round(float(x), 5) for x in longest]
+
+
 def split_episodes(
     episode_start: np.ndarray, val_share: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -124,6 +136,7 @@ def train_expert(cfg: ExpertTrainConfig, progress: bool = True) -> Path:
         )
     ecfg.proprio_mean = data["proprio"].mean(0).tolist()
     ecfg.proprio_std = (data["proprio"].std(0) + 1e-3).tolist()
+    ecfg.future_clip_m = longest_futures(data["traces"], ecfg.trace_steps)
     torch.manual_seed(cfg.seed)
     expert = ActionExpert(ecfg).to(device)
     model = expert

@@ -401,3 +401,32 @@ def test_expert_tells_points_apart_by_colour(one_thread):
         pred = e.sample(ctx, torch.Generator().manual_seed(1))
         errs[colors] = float((pred[..., :3] - actions[..., :3]).abs().mean())
     assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_traces_longer_than_any_in_training_are_shortened():
+    from policies.train import longest_futures
+
+    traces = np.zeros((3, 2, 32, 3), np.float16)
+    traces[1, 1, :, 0] = np.linspace(0, 0.31, 32)  # one point moving 1 cm a step along x
+    steps = [1, 3, 31]
+    np.testing.assert_allclose(longest_futures(traces, steps), [0.01, 0.03, 0.31], atol=2e-4)
+
+    def expert(clip):
+        cfg = expert_config("Panda", INSTR)
+        cfg.future_clip_m = clip
+        torch.manual_seed(0)
+        e = ActionExpert(cfg).eval()
+        with torch.no_grad():  # the action head starts at zero, which would ignore any input
+            e.head[1].weight.normal_(0, 0.1)
+        return e
+
+    far, near = _obs(), _obs()
+    direction = np.array([0.6, 0.0, 0.8], np.float32)
+    far.traces_base[0] = far.traces_base[0, :1] + np.linspace(0, 2.0, 32)[:, None] * direction
+    near.traces_base[0] = near.traces_base[0, :1] + np.linspace(0, 2.0, 32)[:, None] * direction
+    near.traces_base[0, 1:] = near.traces_base[0, :1] + 0.01 * direction  # already at the limit
+    clipped, unclipped = expert([0.01] * 8), expert(None)
+    np.testing.assert_allclose(clipped.act(far, seed=0), clipped.act(near, seed=0), atol=1e-5)
+    assert np.abs(unclipped.act(far, seed=0) - unclipped.act(near, seed=0)).max() > 1e-3
+    with pytest.raises(ValueError, match="one length per trace step"):
+        expert([0.01])
