@@ -27,7 +27,7 @@ irrelevant. During training the whole trace context is replaced with a learned "
 vector with probability ``trace_dropout``, so one network serves both the trace-conditioned
 and the trace-free conditions, and holds a sensible policy when traces go stale.
 
-Traces longer than any the expert trained on are shortened to the longest it saw
+Traces longer than nearly all the expert trained on are shortened to that length
 (``future_clip_m``, per trace step): a network extrapolates badly, and μ0's forecasts move far
 less than the truth, so without this the ground-truth traces of the ``oracle`` condition made
 the arm flail.
@@ -102,9 +102,9 @@ class ActionExpertConfig:
     goal_rotation: bool = True  # the goal also has the rotation (rad) to the segment's end
     proprio_mean: list[float] | None = None
     proprio_std: list[float] | None = None
-    # The longest displacement (m) at each of ``trace_steps`` among the traces it trained on:
-    # longer ones are shortened to it, as the network never learned what they mean (set by
-    # train-expert; None = no limit).
+    # How far (m) the traces it trained on go at each of ``trace_steps`` (their 99.9th
+    # percentile): longer ones are shortened to it, as the network never learned what they
+    # mean (set by train-expert; None = no limit).
     future_clip_m: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -65,16 +65,21 @@ def _plot(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def longest_futures(traces: np.ndarray, trace_steps: list[int]) -> list[float]:
-    """The longest displacement from now (m) at each trace step, over every point of every
-    sample: [S, N, T, 3] → one length per step (``ActionExpertConfig.future_clip_m``)."""
+def longest_futures(
+    traces: np.ndarray, trace_steps: list[int], quantile: float = 0.999
+) -> list[float]:
+    """How far the training traces go from now (m) at each trace step: the ``quantile`` of
+    the displacement over every point of every sample, [S, N, T, 3] → one length per step
+    (``ActionExpertConfig.future_clip_m``). A high quantile, not the maximum: a handful of
+    outliers would otherwise set the limit."""
     steps = np.minimum(np.asarray(trace_steps), traces.shape[2] - 1)
-    longest = np.zeros(len(steps))
+    lengths = []
     for i in range(0, len(traces), 1024):  # in slices: the float16 traces stay small
         tr = traces[i : i + 1024].astype(np.float32)
         d = np.linalg.norm(tr[:, :, steps] - tr[:, :, :1], axis=-1)  # [s, N, S]
-        longest = np.maximum(longest, d.max(axis=(0, 1)))
-    return [round(float(x), 5) for x in longest]
+        lengths.append(d.reshape(-1, len(steps)))
+    q = np.quantile(np.concatenate(lengths), quantile, axis=0)
+    return [round(float(x), 5) for x in q]
 
 
 def split_episodes(
