@@ -3,8 +3,10 @@
 For every kept frame t of a LeRobot v3 recording (``mu0 collect``), the queries are built
 exactly as at run time (``policies.queries.QueryBuilder``: the gripper with its recorded
 history, scene points from the pixels), the frozen μ0 predicts their traces, and the sample
-keeps those predicted traces (in the robot base frame), the proprioception, the instruction and
-the recorded action chunk a[t : t + chunk] (padded past the end, with a mask). Ground-truth
+keeps those predicted traces (in the robot base frame), the query points' colours, the
+proprioception, the instruction and the recorded action chunk a[t : t + chunk] (padded past
+the end, with a mask), plus where the gripper is when its motion segment ends (``goal``,
+``goal_rot``: the expert's auxiliary target, read off the recorded proprioception). Ground-truth
 future traces are never used. Predictions are cached per (episode, μ0 checkpoint hash, stride)
 in one safetensors file, so retraining an expert costs no μ0 call.
 """

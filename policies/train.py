@@ -65,7 +65,7 @@ def _plot(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def longest_futures(
+def future_limits(
     traces: np.ndarray, trace_steps: list[int], quantile: float = 0.999
 ) -> list[float]:
     """How far the training traces go from now (m) at each trace step: the ``quantile`` of
@@ -141,7 +141,7 @@ def train_expert(cfg: ExpertTrainConfig, progress: bool = True) -> Path:
         )
     ecfg.proprio_mean = data["proprio"].mean(0).tolist()
     ecfg.proprio_std = (data["proprio"].std(0) + 1e-3).tolist()
-    ecfg.future_clip_m = longest_futures(data["traces"], ecfg.trace_steps)
+    ecfg.future_clip_m = future_limits(data["traces"], ecfg.trace_steps)
     torch.manual_seed(cfg.seed)
     expert = ActionExpert(ecfg).to(device)
     model = expert

@@ -404,16 +404,16 @@ def test_expert_tells_points_apart_by_colour(one_thread):
 
 
 def test_traces_longer_than_any_in_training_are_shortened():
-    from policies.train import longest_futures
+    from policies.train import future_limits
 
     traces = np.zeros((3, 2, 32, 3), np.float16)
     traces[1, 1, :, 0] = np.linspace(0, 0.31, 32)  # one point moving 1 cm a step along x
     steps = [1, 3, 31]
-    np.testing.assert_allclose(longest_futures(traces, steps, 1.0), [0.01, 0.03, 0.31], atol=2e-4)
+    np.testing.assert_allclose(future_limits(traces, steps, 1.0), [0.01, 0.03, 0.31], atol=2e-4)
     traces = np.zeros((1000, 1, 32, 3), np.float16)
     traces[:, 0, :, 2] = np.linspace(0, 1, 32) * np.linspace(0, 1, 1000)[:, None]
     traces[-1, 0, :, 2] = np.linspace(0, 50, 32)  # one outlier does not set the limit
-    assert 0.99 < longest_futures(traces, [31])[0] < 1.1
+    assert 0.99 < future_limits(traces, [31])[0] < 1.1
 
     def expert(clip):
         cfg = expert_config("Panda", INSTR)
