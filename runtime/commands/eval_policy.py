@@ -14,9 +14,11 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,8 +224,26 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While inside, SIGTERM (``kill``, a job scheduler) unwinds like Ctrl-C, so the trace
+    server and the robots' processes are stopped too; by default Python dies at once and
+    they run on. Only the main thread can set handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def run(args: argparse.Namespace) -> int:
-    from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     tasks = [t for t in args.tasks.split(",") if t]
@@ -240,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_sigterm_unwinds())
         server = args.server
         if server is None and "mu0" in conditions:
             server = stack.enter_context(
@@ -268,8 +289,9 @@ def run(args: argparse.Namespace) -> int:
         if args.sequential or len(jobs) == 1:
             per_robot = [evaluate_robot(j) for j in jobs]
         else:
-            with ProcessPoolExecutor(len(jobs), mp_context=get_context("spawn")) as pool:
-                per_robot = list(pool.map(evaluate_robot, jobs))
+            # A Pool, not an executor: leaving it early (Ctrl-C, SIGTERM) terminates the workers.
+            with get_context("spawn").Pool(len(jobs)) as pool:
+                per_robot = pool.map(evaluate_robot, jobs)
     results = [r for rs in per_robot for r in rs]
     results.sort(key=lambda r: (r["task"], r["robot"], conditions.index(r["condition"])))
     table = markdown_table(results)
