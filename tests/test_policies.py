@@ -434,3 +434,19 @@ def test_traces_longer_than_any_in_training_are_shortened():
     assert np.abs(unclipped.act(far, seed=0) - unclipped.act(near, seed=0)).max() > 1e-3
     with pytest.raises(ValueError, match="one length per trace step"):
         expert([0.01])
+
+
+@pytest.mark.parametrize("robot", ["Panda", "UR5e"])
+def test_shipped_experts_load_and_act(robot):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / "experts" / robot
+    e = load_expert(path)
+    cfg = e.cfg
+    assert e.embodiment == robot and "pick up the cube" in cfg.instructions
+    assert cfg.point_colors and cfg.absolute_points and e.goal is not None
+    assert cfg.future_clip_m is not None and len(cfg.future_clip_m) == len(cfg.trace_steps)
+    obs = _obs(n=33, proprio_dim=cfg.proprio_dim)
+    obs.traces_base[:] = obs.traces_base[:, :1]  # still traces, as μ0's mostly are
+    a = e.act(obs, seed=0)
+    assert a.shape == (16, 7) and np.isfinite(a).all() and np.abs(a).max() <= 1.0
