@@ -30,6 +30,31 @@ def _obs(n: int = 5, proprio_dim: int = 16, instruction: str = INSTR[0]) -> Expe
     )
 
 
+def _batch(traces: torch.Tensor, actions: torch.Tensor, **extra) -> dict:
+    """A training batch for traces [B, N, 32, 3] and actions [B, 16, 7]: every point valid,
+    zero proprio, the first instruction, every action counted."""
+    B, N = traces.shape[:2]
+    return {
+        "traces": traces,
+        "trace_valid": torch.ones(B, N, dtype=torch.bool),
+        "proprio": torch.zeros(B, 16),
+        "instruction_ids": torch.zeros(B, dtype=torch.long),
+        "actions": actions,
+        "action_mask": torch.ones(B, 16, dtype=torch.bool),
+        **extra,
+    }
+
+
+def _fit(e: ActionExpert, batch: dict, g: torch.Generator, steps: int = 250) -> ActionExpert:
+    opt = torch.optim.AdamW(e.parameters(), lr=2e-3)
+    for _ in range(steps):
+        loss = e.loss(batch, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return e.eval()
+
+
 def test_embodiments_have_their_proprio_sizes():
     dims = {r: expert_config(r, INSTR).proprio_dim for r in ("Panda", "UR5e", "Kinova3")}
     assert dims == {"Panda": 16, "UR5e": 19, "Kinova3": 20}
@@ -98,22 +123,8 @@ def test_expert_learns_to_use_traces(one_thread):
     traces[:, 1:] = torch.randn(B, 3, 1, 3, generator=g) * 0.2  # still scene points
     actions = torch.zeros(B, 16, 7)
     actions[..., :3] = (goal / 0.05).clamp(-1, 1)[:, None]
-    batch = {
-        "traces": traces,
-        "trace_valid": torch.ones(B, 4, dtype=torch.bool),
-        "proprio": torch.zeros(B, 16),
-        "instruction_ids": torch.zeros(B, dtype=torch.long),
-        "actions": actions,
-        "action_mask": torch.ones(B, 16, dtype=torch.bool),
-        "point_rgb": torch.full((B, 4, 3), 0.5),
-    }
-    opt = torch.optim.AdamW(e.parameters(), lr=2e-3)
-    for _ in range(250):
-        loss = e.loss(batch, g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    e.eval()
+    batch = _batch(traces, actions, point_rgb=torch.full((B, 4, 3), 0.5))
+    _fit(e, batch, g)
     errs = {}
     for available in (True, False):
         ctx = e.encode_context(
@@ -260,15 +271,9 @@ def test_goal_head_trains_and_old_experts_still_load(tmp_path):
     e = _expert()
     assert e.goal is not None and e.cfg.absolute_points
     B = 4
-    batch = {
-        "traces": torch.randn(B, 5, 32, 3) * 0.1,
-        "trace_valid": torch.ones(B, 5, dtype=torch.bool),
-        "proprio": torch.zeros(B, 16),
-        "instruction_ids": torch.zeros(B, dtype=torch.long),
-        "actions": torch.zeros(B, 16, 7),
-        "action_mask": torch.ones(B, 16, dtype=torch.bool),
-        "point_rgb": torch.rand(B, 5, 3),
-    }
+    batch = _batch(
+        torch.randn(B, 5, 32, 3) * 0.1, torch.zeros(B, 16, 7), point_rgb=torch.rand(B, 5, 3)
+    )
     g = torch.Generator().manual_seed(0)
     plain = e.loss(batch, torch.Generator().manual_seed(0))
     goal = {"goal": torch.full((B, 3), 0.3), "goal_rot": torch.full((B, 3), 0.5)}
@@ -312,17 +317,14 @@ def test_validation_losses_with_and_without_traces():
     with torch.no_grad():  # the action head starts at zero, which would ignore any context
         e.head[1].weight.normal_(0, 0.1)
     B = 6
-    batch = {
-        "traces": torch.randn(B, 5, 32, 3) * 0.1,
-        "trace_valid": torch.ones(B, 5, dtype=torch.bool),
-        "proprio": torch.randn(B, 16),
-        "instruction_ids": torch.zeros(B, dtype=torch.long),
-        "actions": torch.rand(B, 16, 7) * 2 - 1,
-        "action_mask": torch.ones(B, 16, dtype=torch.bool),
-        "goal": torch.randn(B, 3) * 0.1,
-        "goal_rot": torch.zeros(B, 3),
-        "point_rgb": torch.rand(B, 5, 3),
-    }
+    batch = _batch(
+        torch.randn(B, 5, 32, 3) * 0.1,
+        torch.rand(B, 16, 7) * 2 - 1,
+        proprio=torch.randn(B, 16),
+        goal=torch.randn(B, 3) * 0.1,
+        goal_rot=torch.zeros(B, 3),
+        point_rgb=torch.rand(B, 5, 3),
+    )
     m = validation_metrics(e, batch, "cpu")
     assert set(m) == {"val_loss", "val_loss_no_trace", "val_goal_err_mm"}
     # Without traces the context is the learned "no trace" vector: a different loss.
@@ -369,27 +371,13 @@ def test_expert_tells_points_apart_by_colour(one_thread):
     rgb[:, 2] = torch.where(red_first[:, None], green, red)
     actions = torch.zeros(B, 16, 7)
     actions[..., :3] = (target / 0.1).clamp(-1, 1)[:, None]
-    batch = {
-        "traces": traces,
-        "trace_valid": torch.ones(B, 3, dtype=torch.bool),
-        "proprio": torch.zeros(B, 16),
-        "instruction_ids": torch.zeros(B, dtype=torch.long),
-        "actions": actions,
-        "action_mask": torch.ones(B, 16, dtype=torch.bool),
-    }
+    batch = _batch(traces, actions)
     errs = {}
     for colors in (True, False):
         cfg.point_colors = colors
         torch.manual_seed(0)
-        e = ActionExpert(cfg)
         b = {**batch, "point_rgb": rgb} if colors else batch
-        opt = torch.optim.AdamW(e.parameters(), lr=2e-3)
-        for _ in range(250):
-            loss = e.loss(b, g)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        e.eval()
+        e = _fit(ActionExpert(cfg), b, g)
         ctx = e.encode_context(
             traces,
             b["trace_valid"],
