@@ -431,7 +431,8 @@ def test_shipped_experts_load_and_act(robot):
     path = Path(__file__).resolve().parents[1] / "checkpoints" / "experts" / robot
     e = load_expert(path)
     cfg = e.cfg
-    assert e.embodiment == robot and "pick up the cube" in cfg.instructions
+    assert e.embodiment == robot
+    assert {"pick up the cube", "open the door"} <= set(cfg.instructions)
     assert cfg.point_colors and cfg.absolute_points and e.goal is not None
     assert cfg.future_clip_m is not None and len(cfg.future_clip_m) == len(cfg.trace_steps)
     obs = _obs(n=33, proprio_dim=cfg.proprio_dim)
