@@ -46,7 +46,7 @@ if [[ $STAGE == train || $STAGE == all ]]; then
 fi
 
 if [[ $STAGE == eval || $STAGE == all ]]; then
-  tasks=$(for set in $SETS; do echo "$set" | cut -d: -f2; done | sort -u | paste -sd,)
+  tasks=$(for set in $SETS; do IFS=: read -r _ task _ _ <<<"$set"; echo "$task"; done | sort -u | paste -sd,)
   robots=$(echo $ROBOTS | tr ' ' ,)
   "$MU0" eval-policy --tasks "$tasks" --robots "$robots" --episodes "$EVAL_EPISODES" \
     --json outputs/eval_policy.json

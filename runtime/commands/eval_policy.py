@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -228,15 +227,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 def _sigterm_unwinds() -> Iterator[None]:
     """While inside, SIGTERM (``kill``, a job scheduler) unwinds like Ctrl-C, so the trace
     server and the robots' processes are stopped too; by default Python dies at once and
-    they run on. Only the main thread can set handlers; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    before = signal.signal(signal.SIGTERM, stop)
+    they run on. Call from the main thread (only it may set signal handlers)."""
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield
     finally:
