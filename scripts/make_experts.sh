@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the shipped action experts (checkpoints/experts/<Robot>) on this machine (CPU):
 #   1. data:  scripted demonstrations: 12 each of Lift and Stack on seeds 100+, 40 more each of
-#             Lift and Stack on seeds 200+, and 40 of Door on seeds 100+ (seeds μ0's pretraining,
-#             0+, and eval-policy, 5000+, never use);
+#             Lift and Stack on seeds 200+, 40 of Door on seeds 100+ and 100 more of Stack on
+#             seeds 300+ (seeds μ0's pretraining, 0+, and eval-policy, 5000+, never use);
 #   2. train: `mu0 train-expert` per robot against the frozen shipped μ0 (checkpoints/tiny):
 #             the traces it learns from are μ0's predictions on those recordings;
 #   3. eval:  `mu0 eval-policy` on seeds 5000+, conditions mu0, no_trace and oracle.
@@ -14,11 +14,11 @@ cd "$(dirname "$0")/.."
 MU0=${MU0:-.venv/bin/mu0}
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
-STEPS=${STEPS:-12000}
+STEPS=${STEPS:-20000}
 EVAL_EPISODES=${EVAL_EPISODES:-50}
 ROBOTS=${ROBOTS:-"Panda UR5e"}
 # Demonstration sets, "<folder>:<task>:<episodes>:<first seed>", one per robot each.
-SETS=${SETS:-"expert:Lift:12:100 expert40:Lift:40:200 expert:Stack:12:100 expert40:Stack:40:200 expert40:Door:40:100"}
+SETS=${SETS:-"expert:Lift:12:100 expert40:Lift:40:200 expert:Stack:12:100 expert40:Stack:40:200 expert40:Door:40:100 expert100:Stack:100:300"}
 STAGE=${1:-all}
 
 if [[ $STAGE == data || $STAGE == all ]]; then
