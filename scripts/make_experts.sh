@@ -20,13 +20,18 @@ ROBOTS=${ROBOTS:-"Panda UR5e"}
 # Demonstration sets, "<folder>:<task>:<episodes>:<first seed>", one per robot each.
 SETS=${SETS:-"expert:Lift:12:100 expert40:Lift:40:200 expert:Stack:12:100 expert40:Stack:40:200 expert40:Door:40:100 expert100:Stack:100:300"}
 STAGE=${1:-all}
+folders=() tasks=() episodes=() seeds=()
+for set in $SETS; do
+  IFS=: read -r folder task n seed <<<"$set"
+  folders+=("$folder") tasks+=("$task") episodes+=("$n") seeds+=("$seed")
+done
 
 if [[ $STAGE == data || $STAGE == all ]]; then
   for robot in $ROBOTS; do
-    for set in $SETS; do
-      IFS=: read -r folder task episodes seed <<<"$set"
-      "$MU0" collect --out "$DATA/episodes/$folder/$task-$robot" --task "$task" --robot "$robot" \
-        --episodes "$episodes" --seed "$seed" --image-size 128 128 --only-success --quiet
+    for i in "${!folders[@]}"; do
+      "$MU0" collect --out "$DATA/episodes/${folders[i]}/${tasks[i]}-$robot" --task "${tasks[i]}" \
+        --robot "$robot" --episodes "${episodes[i]}" --seed "${seeds[i]}" --image-size 128 128 \
+        --only-success --quiet
     done
   done
 fi
@@ -34,10 +39,7 @@ fi
 if [[ $STAGE == train || $STAGE == all ]]; then
   for robot in $ROBOTS; do
     data=()
-    for set in $SETS; do
-      IFS=: read -r folder task _ _ <<<"$set"
-      data+=("$DATA/episodes/$folder/$task-$robot")
-    done
+    for i in "${!folders[@]}"; do data+=("$DATA/episodes/${folders[i]}/${tasks[i]}-$robot"); done
     "$MU0" train-expert --robot "$robot" --data "${data[@]}" --checkpoint checkpoints/tiny \
       --out "$RUNS/expert-$robot" --steps "$STEPS" --batch-size 64
     rm -rf "checkpoints/experts/$robot" && mkdir -p checkpoints/experts
@@ -46,8 +48,8 @@ if [[ $STAGE == train || $STAGE == all ]]; then
 fi
 
 if [[ $STAGE == eval || $STAGE == all ]]; then
-  tasks=$(for set in $SETS; do IFS=: read -r _ task _ _ <<<"$set"; echo "$task"; done | sort -u | paste -sd,)
+  task_list=$(printf '%s\n' "${tasks[@]}" | sort -u | paste -sd,)
   robots=$(echo $ROBOTS | tr ' ' ,)
-  "$MU0" eval-policy --tasks "$tasks" --robots "$robots" --episodes "$EVAL_EPISODES" \
+  "$MU0" eval-policy --tasks "$task_list" --robots "$robots" --episodes "$EVAL_EPISODES" \
     --json outputs/eval_policy.json
 fi
