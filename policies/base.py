@@ -41,6 +41,12 @@ end — and, with ``goal_rotation``, how it will have turned by then (a grasp mu
 object's yaw), both read off the recorded proprioception: an auxiliary target from the
 demonstration itself, never a ground-truth trace.
 
+Knowing the goal is not yet going there: an expert whose goal head put the red cube within
+1-2 cm at the start of every Stack episode tried still drove its gripper onto the green one
+(UR5e, seeds 5000-5011). So with ``goal_input`` the predicted goal also enters the action
+head's context, as a sub-goal the action chunk should head for (a learned "no goal" vector
+where there are no traces); the action loss does not flow back into the goal head.
+
 The instruction is embedded by lookup among the instructions seen in training (an expert
 serves a fixed task set); an unknown one is an error that lists the known ones.
 Checkpoints: safetensors + JSON config (no pickle), like μ0's.
@@ -100,6 +106,12 @@ class ActionExpertConfig:
     # Training only: weight of the segment-goal auxiliary loss (module docstring); 0 = off.
     goal_weight: float = 1.0
     goal_rotation: bool = True  # the goal also has the rotation (rad) to the segment's end
+    # The predicted segment goal also enters the action head's context (module docstring).
+    # Training only: half the samples get the recorded goal shifted by Gaussian noise of
+    # ``goal_input_noise_m`` (m; ten times that number in rad for the rotation) instead of
+    # the prediction, so the head learns to follow a goal before the prediction is any good.
+    goal_input: bool = True
+    goal_input_noise_m: float = 0.01
     proprio_mean: list[float] | None = None
     proprio_std: list[float] | None = None
     # How far (m) the traces it trained on go at each of ``trace_steps`` (their 99.9th
@@ -122,6 +134,7 @@ class ActionExpertConfig:
             "point_colors": False,
             "goal_weight": 0.0,
             "goal_rotation": False,
+            "goal_input": False,
         }
         return cls(**{**legacy, **d})
 
@@ -188,14 +201,22 @@ class ActionExpert(nn.Module):
         )
         self.traces = TraceSetEncoder(point_in, cfg.point_width, W)
         self.no_trace = nn.Parameter(torch.zeros(W))
+        goal_dim = 6 if cfg.goal_rotation else 3
         self.goal = (
-            nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.Linear(W, 6 if cfg.goal_rotation else 3))
+            nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.Linear(W, goal_dim))
             if cfg.goal_weight > 0
             else None
         )
+        self.goal_in = None
+        if cfg.goal_input:
+            if self.goal is None:
+                raise ValueError("goal_input needs the goal head (goal_weight > 0)")
+            self.goal_in = nn.Sequential(nn.Linear(goal_dim, W), nn.GELU(), nn.Linear(W, W))
+            self.no_goal = nn.Parameter(torch.zeros(W))
         self.proprio = nn.Sequential(nn.Linear(cfg.proprio_dim, W), nn.GELU(), nn.Linear(W, W))
         self.instruction = nn.Embedding(len(cfg.instructions), W)
-        self.context = nn.Sequential(nn.Linear(3 * W, W), nn.GELU(), nn.Linear(W, W))
+        n_ctx = 4 if cfg.goal_input else 3
+        self.context = nn.Sequential(nn.Linear(n_ctx * W, W), nn.GELU(), nn.Linear(W, W))
         self.time = nn.Linear(64, W)
         self.action_in = nn.Linear(cfg.chunk * ACTION_DIM, W)
         self.blocks = nn.ModuleList(_Block(W) for _ in range(cfg.depth))
@@ -269,13 +290,9 @@ class ActionExpert(nn.Module):
     ) -> Tensor:
         """traces [B, N, T, 3], trace_valid [B, N], proprio [B, D], instruction_ids [B],
         traces_available bool[B], point_rgb [B, N, 3] → context [B, W]."""
-        return self._context(
-            self.trace_code(traces, trace_valid, proprio[:, :3], point_rgb),
-            trace_valid,
-            proprio,
-            instruction_ids,
-            traces_available,
-        )
+        code = self.trace_code(traces, trace_valid, proprio[:, :3], point_rgb)
+        goal = self.goal(code) if self.goal_in is not None else None
+        return self._context(code, trace_valid, proprio, instruction_ids, traces_available, goal)
 
     def trace_code(
         self,
@@ -296,11 +313,18 @@ class ActionExpert(nn.Module):
         proprio: Tensor,
         instruction_ids: Tensor,
         traces_available: Tensor,
+        goal: Tensor | None = None,
     ) -> Tensor:
+        """``goal``: [B, 3 or 6] segment goal as the goal head gives it (relative to the
+        gripper, decimetres, then rad), for an expert with ``goal_input``."""
         use = (traces_available & trace_valid.any(-1))[:, None]
         tr = torch.where(use, tr, self.no_trace.expand_as(tr))
         p = self.proprio((proprio - self.p_mean) / self.p_std)
-        return self.context(torch.cat([tr, p, self.instruction(instruction_ids)], dim=-1))
+        parts = [tr, p, self.instruction(instruction_ids)]
+        if self.goal_in is not None:
+            g = self.goal_in(goal)
+            parts.append(torch.where(use, g, self.no_goal.expand_as(g)))
+        return self.context(torch.cat(parts, dim=-1))
 
     def velocity(self, x_t: Tensor, t: Tensor, ctx: Tensor) -> Tensor:
         h = self.action_in(x_t.flatten(1)) + self.time(_time_embedding(t, 64)) + ctx
@@ -337,15 +361,28 @@ class ActionExpert(nn.Module):
             tr = tr + self.cfg.trace_jitter_m * shift
         eef = batch["proprio"][:, :3]
         code = self.trace_code(tr, valid, eef, batch.get("point_rgb"))
-        ctx = self._context(code, valid, batch["proprio"], batch["instruction_ids"], available)
         aux = a.new_zeros(())
-        if self.goal is not None and "goal" in batch:
+        pred_goal = self.goal(code) if self.goal is not None else None
+        goal_in = None
+        if self.goal_in is not None:
+            goal_in = pred_goal.detach()  # the action loss does not train the goal head
+        if pred_goal is not None and "goal" in batch:
             target = (batch["goal"] - eef) / TRACE_SCALE_M
             if self.cfg.goal_rotation:
                 target = torch.cat([target, batch["goal_rot"]], dim=-1)
             has = valid.any(-1).float()
-            err_goal = ((self.goal(code) - target) ** 2).mean(-1)
+            err_goal = ((pred_goal - target) ** 2).mean(-1)
             aux = self.cfg.goal_weight * (err_goal * has).sum() / has.sum().clamp(min=1)
+            if goal_in is not None and self.training:
+                # Half the samples follow the recorded goal, noised (see the config).
+                sigma = torch.full_like(target, self.cfg.goal_input_noise_m / TRACE_SCALE_M)
+                sigma[:, 3:] = self.cfg.goal_input_noise_m * 10
+                noised = target + sigma * torch.randn(target.shape, device=dev, generator=generator)
+                teach = torch.rand(B, 1, device=dev, generator=generator) < 0.5
+                goal_in = torch.where(teach, noised, goal_in)
+        ctx = self._context(
+            code, valid, batch["proprio"], batch["instruction_ids"], available, goal_in
+        )
         eps = torch.randn(a.shape, device=dev, generator=generator)
         t = torch.rand(B, device=dev, generator=generator)
         x_t = (1 - t)[:, None, None] * eps + t[:, None, None] * a

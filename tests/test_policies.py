@@ -285,16 +285,50 @@ def test_goal_head_trains_and_old_experts_still_load(tmp_path):
     # An expert saved before the options existed: relative point features and no goal head.
     path = save_expert(e, tmp_path / "new")
     meta = json.loads((path / CONFIG_FILE).read_text())
-    for key in ("absolute_points", "point_colors", "goal_weight", "goal_rotation"):
+    for key in ("absolute_points", "point_colors", "goal_weight", "goal_rotation", "goal_input"):
         del meta["config"][key]
     cfg = ActionExpertConfig.from_dict(meta["config"])
     assert not cfg.absolute_points and not cfg.point_colors and cfg.goal_weight == 0
+    assert not cfg.goal_input
     old = ActionExpert(cfg)
-    assert old.goal is None and old.traces.point[0].in_features == 3 + 3 * 8 + 1
+    assert old.goal is None and old.goal_in is None
+    assert old.traces.point[0].in_features == 3 + 3 * 8 + 1
     assert old.act(_obs(), seed=0).shape == (16, 7)
     legacy_obs = _obs()
     legacy_obs.point_rgb = None  # experts without colours never needed them
     assert old.act(legacy_obs, seed=0).shape == (16, 7)
+
+
+def test_goal_input_steers_the_action_head_without_training_the_goal_head():
+    e = _expert().eval()
+    assert e.cfg.goal_input and e.goal_in is not None
+    B = 3
+    traces = torch.randn(B, 5, 32, 3) * 0.1
+    args = (traces, torch.ones(B, 5, dtype=torch.bool), torch.randn(B, 16))
+    ids, rgb = torch.zeros(B, dtype=torch.long), torch.rand(B, 5, 3)
+    on, off = torch.ones(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool)
+    with torch.no_grad():
+        ctx = e.encode_context(*args, ids, on, rgb)
+        e.goal[-1].bias += 1.0  # another predicted goal, the same trace encoding
+        assert not torch.allclose(e.encode_context(*args, ids, on, rgb), ctx)
+        # Without traces there is no goal either: the context ignores both.
+        blind = e.encode_context(*args, ids, off, rgb)
+        e.goal[-1].bias -= 5.0
+        assert torch.allclose(e.encode_context(*args, ids, off, rgb), blind)
+
+    # The action loss alone leaves the goal head untouched (its input is detached)...
+    e.train()
+    with torch.no_grad():  # the output layer starts at zero, which would stop every gradient
+        e.head[1].weight.normal_(std=0.02)
+    batch = _batch(traces, torch.rand(B, 16, 7) * 2 - 1, point_rgb=rgb)
+    e.loss(batch, torch.Generator().manual_seed(0), traces=True).backward()
+    assert e.goal[0].weight.grad is None or e.goal[0].weight.grad.abs().sum() == 0
+    assert e.goal_in[0].weight.grad.abs().sum() > 0
+    # ...and with recorded goals, the goal loss trains it.
+    e.zero_grad()
+    goal = {"goal": torch.full((B, 3), 0.3), "goal_rot": torch.full((B, 3), 0.5)}
+    e.loss({**batch, **goal}, torch.Generator().manual_seed(0), traces=True).backward()
+    assert e.goal[0].weight.grad.abs().sum() > 0
 
 
 def test_validation_holds_out_whole_episodes():
@@ -357,6 +391,7 @@ def test_expert_tells_points_apart_by_colour(one_thread):
     torch.manual_seed(0)
     cfg = expert_config("Panda", INSTR[:1])
     cfg.trace_dropout, cfg.point_dropout, cfg.goal_weight = 0.0, 0.0, 0.0
+    cfg.goal_input = False  # no goal head to feed it
     cfg.width, cfg.point_width, cfg.depth = 128, 64, 2
     g = torch.Generator().manual_seed(0)
     B = 128
