@@ -39,6 +39,8 @@ class ExpertTrainConfig:
     # steps): each sample's traces come from a frame up to this many frames earlier of the
     # same episode, so the expert learns to act on traces a little behind the robot.
     max_trace_lag: int = 4
+    # Feed the predicted segment goal to the action head (ActionExpertConfig.goal_input).
+    goal_input: bool = True
     seed: int = 0
     device: str = "auto"
     val_share: float = 0.1
@@ -133,6 +135,7 @@ def train_expert(cfg: ExpertTrainConfig, progress: bool = True) -> Path:
     del mu0
     instructions = data["instructions"]
     ecfg = expert_config(cfg.robot, instructions)
+    ecfg.goal_input = cfg.goal_input
     D = data["proprio"].shape[1]
     if D != ecfg.proprio_dim:
         raise ValueError(

@@ -4,7 +4,9 @@
 #             Lift and Stack on seeds 200+, 40 of Door on seeds 100+ and 100 more of Stack on
 #             seeds 300+ (seeds μ0's pretraining, 0+, and eval-policy, 5000+, never use);
 #   2. train: `mu0 train-expert` per robot against the frozen shipped μ0 (checkpoints/tiny):
-#             the traces it learns from are μ0's predictions on those recordings;
+#             the traces it learns from are μ0's predictions on those recordings; the UR5e's
+#             action head also reads the predicted segment goal, the Panda's does not
+#             (TRAIN_ARGS_<Robot>: the Panda expert was trained before that option existed);
 #   3. eval:  `mu0 eval-policy` on seeds 5000+, conditions mu0, no_trace and oracle.
 # Usage: scripts/make_experts.sh [data|train|eval|all]   (default: all)
 set -euo pipefail
@@ -17,6 +19,7 @@ RUNS=${RUNS:-runs}
 STEPS=${STEPS:-20000}
 EVAL_EPISODES=${EVAL_EPISODES:-50}
 ROBOTS=${ROBOTS:-"Panda UR5e"}
+TRAIN_ARGS_Panda=${TRAIN_ARGS_Panda-"--no-goal-input"}
 # Demonstration sets, "<folder>:<task>:<episodes>:<first seed>", one per robot each.
 SETS=${SETS:-"expert:Lift:12:100 expert40:Lift:40:200 expert:Stack:12:100 expert40:Stack:40:200 expert40:Door:40:100 expert100:Stack:100:300"}
 STAGE=${1:-all}
@@ -40,8 +43,10 @@ if [[ $STAGE == train || $STAGE == all ]]; then
   for robot in $ROBOTS; do
     data=()
     for i in "${!folders[@]}"; do data+=("$DATA/episodes/${folders[i]}/${tasks[i]}-$robot"); done
+    args_var="TRAIN_ARGS_$robot"
+    read -ra extra <<<"${!args_var:-}"
     "$MU0" train-expert --robot "$robot" --data "${data[@]}" --checkpoint checkpoints/tiny \
-      --out "$RUNS/expert-$robot" --steps "$STEPS" --batch-size 64
+      --out "$RUNS/expert-$robot" --steps "$STEPS" --batch-size 64 "${extra[@]}"
     rm -rf "checkpoints/experts/$robot" && mkdir -p checkpoints/experts
     cp -r "$RUNS/expert-$robot/final" "checkpoints/experts/$robot"
   done

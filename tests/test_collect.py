@@ -156,6 +156,7 @@ def test_train_expert_on_a_recording(tmp_path, env, tiny_model):
     final = train_expert(cfg, progress=False)
     expert = load_expert(final)
     assert expert.cfg.instructions == ["pick up the cube"] and expert.goal is not None
+    assert expert.cfg.goal_input and expert.goal_in is not None  # the default recipe
     assert len(list((tmp_path / "run/trace_cache").glob("*.safetensors"))) == 1
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and rows[-1]["val_goal_err_mm"] >= 0

@@ -26,6 +26,13 @@ def add_parser(sub) -> None:
         default=4,
         help="train on traces from up to this many frames earlier (they arrive late at run time)",
     )
+    p.add_argument(
+        "--no-goal-input",
+        dest="goal_input",
+        action="store_false",
+        help="keep the predicted segment goal out of the action head's context "
+        "(how the shipped Panda expert was trained)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
@@ -48,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr,
             stride=args.stride,
             max_trace_lag=args.max_trace_lag,
+            goal_input=args.goal_input,
             seed=args.seed,
             device=args.device,
         )
