@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -440,16 +441,49 @@ def write_dataset_meta(
 # The collection loop
 
 
+# One episode: (env, seed, recorder) -> (success, extra metadata), or None when the episode
+# is not to be kept. It resets the env itself and records every frame it wants kept.
+Rollout = Callable[[Any, int, "EpisodeRecorder"], "tuple[bool, dict[str, Any]] | None"]
+
+
+def demonstrator_rollout(task: str, max_steps: int, settle_steps: int = 10) -> Rollout:
+    """The task's scripted demonstrator from the reset to success (+ ``settle_steps``)."""
+    from envs.demos import make_demonstrator
+
+    demo = make_demonstrator(task)
+
+    def rollout(env: Any, seed: int, rec: EpisodeRecorder) -> tuple[bool, dict[str, Any]]:
+        obs, info = env.reset(seed=seed)
+        demo.reset()
+        success_streak, success = 0, False
+        for _ in range(max_steps):
+            action = demo(env)
+            rec.add(obs, action, bool(info.get("success", False)))
+            obs, _, _, _, info = env.step(action)
+            success = bool(info["success"])
+            success_streak = success_streak + 1 if success else 0
+            if success_streak >= settle_steps:
+                break
+        return success, {}
+
+    return rollout
+
+
 def collect(
-    out_dir: str | Path, config: CollectConfig, progress: bool = True, env: Any = None
+    out_dir: str | Path,
+    config: CollectConfig,
+    progress: bool = True,
+    env: Any = None,
+    rollout: Rollout | None = None,
 ) -> dict[str, Any]:
     """Record ``config.episodes`` episodes into ``out_dir`` (resuming what is there).
 
+    ``rollout`` plays each episode (default: the task's scripted demonstrator); what it
+    returns besides success goes into the episode's ``extra`` metadata.
     Returns a summary {"episodes", "new", "frames", "success_rate", "path"}.
     """
     from tqdm.auto import tqdm
 
-    from envs.demos import make_demonstrator
     from envs.robosuite_env import RobosuiteTraceEnv
 
     root = Path(out_dir)
@@ -472,8 +506,9 @@ def collect(
         )
     camera = config.camera or env.camera_names[0]
     features = features_for(env, camera)
-    demo = make_demonstrator(config.task)
     max_steps = config.max_steps or MAX_EPISODE_STEPS[config.task]
+    if rollout is None:
+        rollout = demonstrator_rollout(config.task, max_steps, config.settle_steps)
     instruction = INSTRUCTIONS[config.task]
     next_seed = max((m["extra"]["seed"] for m in done), default=config.seed - 1) + 1
     first_index = sum(m["length"] for m in done)
@@ -492,26 +527,17 @@ def collect(
         while len(done) < config.episodes:
             seed, next_seed = next_seed, next_seed + 1
             rec = EpisodeRecorder(env, camera)
-            obs, info = env.reset(seed=seed)
-            demo.reset()
-            success_streak, success = 0, False
-            for _ in range(max_steps):
-                action = demo(env)
-                rec.add(obs, action, bool(info.get("success", False)))
-                obs, _, _, _, info = env.step(action)
-                success = bool(info["success"])
-                success_streak = success_streak + 1 if success else 0
-                if success_streak >= config.settle_steps:
-                    break
-            if config.only_success and not success:
+            played = rollout(env, seed, rec)
+            success, extra = played if played is not None else (False, {})
+            if played is None or (config.only_success and not success):
                 failed_in_a_row += 1
                 bar.set_postfix(skipped_seed=seed)
                 if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
                     # A demonstrator that cannot do the task would otherwise loop forever.
                     raise RuntimeError(
-                        f"collect {config.task}/{config.robot}: the demonstrator failed "
+                        f"collect {config.task}/{config.robot}: no episode to keep in "
                         f"{failed_in_a_row} seeds in a row (up to seed {seed}); "
-                        f"{len(done)} successful episodes are kept"
+                        f"the {len(done)} finished episodes are kept"
                     )
                 continue
             failed_in_a_row = 0
@@ -533,6 +559,7 @@ def collect(
                     "camera": camera,
                     "gripper_action_index": GRIPPER_ACTION_INDEX,
                     "up_world": [0.0, 0.0, 1.0],
+                    **extra,
                 },
             }
             table = _episode_table(rec, features, index, first_index, 0, config.fps, meta)

@@ -288,6 +288,8 @@ class PickAndPlace(ScriptedDemonstrator):
     kinematics on a scratch copy: reachable, clear of the joint limits, the open fingers
     clear of everything but the object). A grasp that comes away empty, or an object that
     slips out on the way, sends the hand back for another grasp (`max_grasps` in all).
+    Started with the object already between its fingers (another policy brought the scene
+    there), it keeps that grasp and carries on from the lift.
     """
 
     hover_m = 0.10  # approach height above the grasp point
@@ -377,6 +379,24 @@ class PickAndPlace(ScriptedDemonstrator):
         expected = T[:3, 3] + T[:3, :3] @ self.memory["obj_in_eef"]
         return float(np.linalg.norm(obj_pos - expected)) < self.slip_m
 
+    def object_in_hand(self, env: RobosuiteTraceEnv) -> bool:
+        """Both finger pads touch the object."""
+        sim = env.sim
+        model = sim.model
+        geoms = env.robosuite_env.robots[0].gripper[env._arm].important_geoms
+        pads = [
+            {model.geom_name2id(name) for name in geoms[side]}
+            for side in ("left_fingerpad", "right_fingerpad")
+        ]
+        body = self.object_body(env)
+        touching = [False, False]
+        for c in sim.data.contact[: sim.data.ncon]:
+            for pad, other in ((c.geom1, c.geom2), (c.geom2, c.geom1)):
+                if model.geom_bodyid[other] == body:
+                    for k in (0, 1):
+                        touching[k] = touching[k] or pad in pads[k]
+        return all(touching)
+
     def _regrasp(self) -> None:
         """Open, back off upward and try again from the hover pose, while tries are left."""
         self.memory["grasps"] = self.memory.get("grasps", 1) + 1
@@ -388,6 +408,13 @@ class PickAndPlace(ScriptedDemonstrator):
         obj_pos, _ = self.object_pose(env)
         T_world_eef = env.T_world_eef()
         eef_pos = T_world_eef[:3, 3]
+        if self.phase == "start" and self.object_in_hand(env):
+            # Picked up mid-task (another policy brought the scene here): keep the grasp
+            # the hand has and carry on from the lift.
+            self.memory["R_grasp"] = T_world_eef[:3, :3].copy()
+            self.memory["obj_in_eef"] = T_world_eef[:3, :3].T @ (obj_pos - eef_pos)
+            self.memory["eef_z_grasped"] = float(eef_pos[2])
+            self._goto("lift")
         if self.phase == "start":
             self.memory["hold"] = T_world_eef.copy()
             travel_z = self.travel_height(env)
@@ -427,8 +454,14 @@ class PickAndPlace(ScriptedDemonstrator):
                 target = np.array([*eef_pos[:2], max(target[2], travel_z + 0.02)])
                 R_hover = self.memory.setdefault("R_rise", T_world_eef[:3, :3].copy())
             action, err = self.servo(env, target, R_hover, OPEN)
+            # Already over the grasp, below the hover height (the hand was left there):
+            # go down from where it is.
+            in_column = (
+                np.linalg.norm(grasp_pos[:2] - eef_pos[:2]) < 0.01
+                and grasp_pos[2] < eef_pos[2] < target[2]
+            )
             # Turn the hand fully before going down, or the descent drifts sideways.
-            aligned = err < 0.01 and self.last_rot_err_rad < 0.05
+            aligned = (err < 0.01 or in_column) and self.last_rot_err_rad < 0.05
             if aligned or self.phase_steps > 80:
                 self._goto("descend")
             return action

@@ -42,6 +42,30 @@ class LoopConfig:
 
 
 @dataclass
+class Handover:
+    """The scripted demonstrator takes over from the expert, for recovery demonstrations.
+
+    From ``step`` on, at the first state it can pick up from cleanly (the object between the
+    fingers, or the gripper command unchanged for ``settle_steps`` steps: the hand not in the
+    middle of opening or closing), the task's demonstrator drives instead of the expert, to
+    the end of the episode. It picks up wherever the expert left the scene: a dropped object
+    is grasped again, a hand closed on nothing opens.
+    """
+
+    step: int
+    demonstrator: Any
+    settle_steps: int = 10
+    taken_at: int | None = None
+
+    def ready(self, env, step: int, grippers: list[float]) -> bool:
+        if step < self.step:
+            return False
+        recent = np.sign(grippers[-self.settle_steps :])
+        settled = len(recent) == self.settle_steps and len(set(recent.tolist())) == 1
+        return settled or self.demonstrator.object_in_hand(env)
+
+
+@dataclass
 class EpisodeResult:
     success: bool
     steps: int
@@ -139,8 +163,15 @@ def run_episode(
     max_steps: int | None = None,
     record_frames: bool = False,
     success_hold_steps: int = 10,
+    handover: Handover | None = None,
+    on_step=None,
 ) -> EpisodeResult:
-    """One seeded episode of the loop described in the module docstring."""
+    """One seeded episode of the loop described in the module docstring.
+
+    ``handover``: the scripted demonstrator takes over partway (see `Handover`; its
+    ``taken_at`` says when). ``on_step(obs, action, success)`` sees every step's observation
+    and the action taken on it (a recorder, say).
+    """
     if condition not in CONDITIONS:
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
     if condition == "mu0" and client is None:
@@ -163,8 +194,24 @@ def run_episode(
     sent: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     streak = 0
     traces_base, trace_valid, point_rgb = None, None, None
+    grippers: list[float] = []
+    info = {"success": False}
     for step in range(max_steps):
         t0 = time.perf_counter()
+        if handover is not None and handover.taken_at is None:
+            if handover.ready(env, step, grippers):
+                handover.taken_at = step
+                handover.demonstrator.reset()
+        if handover is not None and handover.taken_at is not None:
+            action = handover.demonstrator(env)
+            if on_step is not None:
+                on_step(obs, action, bool(info["success"]))
+            obs, _, _, _, info = env.step(action)
+            streak = streak + 1 if info["success"] else 0
+            res.steps = step + 1
+            if streak >= success_hold_steps:
+                break
+            continue
         qb.observe(obs["proprio"][:3])
         T_base_cam = obs["T_base_cam"].astype(np.float64)
         need_chunk = len(queue) <= expert.chunk - expert.execute or not queue
@@ -226,8 +273,11 @@ def run_episode(
             action = _hold(last_gripper)
             res.held_steps += 1
         last_gripper = float(action[6])
+        grippers.append(last_gripper)
         if record_frames:
             res.frames.append(_draw(obs, traces_base, condition))
+        if on_step is not None:
+            on_step(obs, action, bool(info["success"]))
         obs, _, _, _, info = env.step(action)
         streak = streak + 1 if info["success"] else 0
         res.step_ms.append((time.perf_counter() - t0) * 1e3)

@@ -7,7 +7,8 @@ keeps those predicted traces (in the robot base frame), the query points' colour
 proprioception, the instruction and the recorded action chunk a[t : t + chunk] (padded past
 the end, with a mask), plus where the gripper is when its motion segment ends (``goal``,
 ``goal_rot``: the expert's auxiliary target, read off the recorded proprioception). Ground-truth
-future traces are never used. Predictions are cached per (episode, μ0 checkpoint hash, stride)
+future traces are never used. In a recovery recording (the expert drove, then the scripted
+demonstrator took over: ``mu0 collect --expert``) only the demonstrator's frames are kept. Predictions are cached per (episode, μ0 checkpoint hash, stride)
 in one safetensors file, so retraining an expert costs no μ0 call.
 """
 
@@ -60,19 +61,27 @@ def _state_actions(source, episode_id: str) -> tuple[np.ndarray, np.ndarray]:
     return state, actions
 
 
+def first_kept_frame(source, episode_id: str) -> int:
+    """The first frame whose action is a demonstrator's: 0, or in a recovery recording
+    (``mu0 collect --expert``) the frame where the demonstrator took over from the expert."""
+    row = source._episodes[int(episode_id.rsplit("_", 1)[-1])]
+    return int((row.get("extra") or {}).get("handover_frame", 0))
+
+
 def episode_queries(
     source, episode_id: str, stride: int = 2, num_scene_points: int = 32
 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """The trace requests of a recorded episode, one every ``stride`` frames, built as the
-    control loop builds them, with each frame's ``T_base_cam``."""
+    """The trace requests of a recorded episode, one every ``stride`` frames from its first
+    kept frame, built as the control loop builds them, with each frame's ``T_base_cam``."""
     ep = source.load(episode_id)
     state, _ = _state_actions(source, episode_id)
     T_base_world = np.linalg.inv(_T_world_base(source, ep))
+    first = first_kept_frame(source, episode_id)
     qb = QueryBuilder(num_scene_points)
     obs_list, T_list = [], []
     for t in range(ep.num_frames):
-        qb.observe(state[t, :3])
-        if t % stride:
+        qb.observe(state[t, :3])  # the history includes the frames before the first kept
+        if t < first or (t - first) % stride:
             continue
         T_base_cam = T_base_world @ ep.T_world_cam[t].astype(np.float64)
         obs_list.append(
@@ -94,7 +103,8 @@ def episode_samples(
     """One recorded episode → arrays of expert samples (see the module docstring)."""
     state, actions = _state_actions(source, episode_id)
     obs_list, T_list = episode_queries(source, episode_id, stride, num_scene_points)
-    frames = list(range(0, stride * len(obs_list), stride))
+    first = first_kept_frame(source, episode_id)
+    frames = list(range(first, first + stride * len(obs_list), stride))
     traces = []
     for i in range(0, len(obs_list), batch):
         preds = trace_model.predict_batch(obs_list[i : i + batch])

@@ -130,7 +130,7 @@ def test_only_success_stops_when_the_demonstrator_keeps_failing(tmp_path, env, m
     cfg = dataclasses.replace(
         _cfg(2), only_success=True, max_steps=3
     )  # 3 steps never lift the cube
-    with pytest.raises(RuntimeError, match="failed 2 seeds in a row"):
+    with pytest.raises(RuntimeError, match="no episode to keep in 2 seeds in a row"):
         collect(tmp_path / "never", cfg, progress=False, env=env)
     assert finished_episodes(tmp_path / "never") == []
 
@@ -161,3 +161,51 @@ def test_train_expert_on_a_recording(tmp_path, env, tiny_model):
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and rows[-1]["val_goal_err_mm"] >= 0
     assert rows[-1]["val_loss"] > 0 and rows[-1]["val_loss_no_trace"] > 0
+
+
+def test_recovery_recording_keeps_the_demonstrators_frames(tmp_path, env, tiny_model):
+    """A recovery episode: another policy drives, the demonstrator takes over at a state it can
+    pick up from; every frame is recorded, and expert training keeps the demonstrator's only."""
+    from envs.demos import make_demonstrator
+    from policies.control import Handover, run_episode
+    from policies.data import _state_actions, episode_samples, first_kept_frame
+    from runtime.mu0_adapter import Mu0TraceModel
+
+    class HoldOpen:  # stands in for an expert: no motion, the hand open
+        chunk, execute = 16, 8
+
+        def act(self, obs, seed=0):
+            a = np.zeros((self.chunk, 7), np.float32)
+            a[:, 6] = -1.0
+            return a
+
+    def rollout(env, seed, rec):
+        ho = Handover(4, make_demonstrator("Lift"), settle_steps=3)
+        res = run_episode(
+            env, HoldOpen(), "no_trace", seed, max_steps=STEPS, handover=ho, on_step=rec.add
+        )
+        return res.success, {"handover_frame": ho.taken_at}
+
+    root = tmp_path / "rec"
+    collect(root, _cfg(1), progress=False, env=env, rollout=rollout)
+    meta = finished_episodes(root)[0]
+    assert meta["length"] == STEPS and meta["extra"]["handover_frame"] == 4
+    source = LeRobotV3Source(root)
+    eid = source.episode_ids()[0]
+    state, actions = _state_actions(source, eid)
+    assert np.all(actions[:4, :6] == 0) and np.all(actions[:4, 6] == -1)
+    assert np.abs(actions[4:, :3]).max() > 0.1  # the demonstrator heads for the cube
+    assert first_kept_frame(source, eid) == 4
+    mu0 = Mu0TraceModel(tiny_model)
+    samples = episode_samples(source, eid, mu0, chunk=16, stride=3)
+    np.testing.assert_array_equal(samples["proprio"], state[4::3])
+    np.testing.assert_array_equal(samples["actions"][0, : STEPS - 4], actions[4:])
+
+
+def test_recovery_rollout_refuses_what_it_cannot_do():
+    from policies.recovery import recovery_rollout
+
+    with pytest.raises(ValueError, match="picks up mid-task"):
+        recovery_rollout("Door", None, None, (10, 20), max_steps=300)
+    with pytest.raises(ValueError, match="handover steps 10..500"):
+        recovery_rollout("Stack", None, None, (10, 500), max_steps=450)

@@ -69,6 +69,44 @@ def test_door_grasp_is_planned_within_reach_and_limits(demos):
         env.close()
 
 
+@pytest.mark.parametrize(("phase", "steps_in"), [("descend", 20), ("carry", 5)])
+def test_a_fresh_demonstrator_picks_up_mid_task(demos, phase, steps_in):
+    """Handed the scene mid-task (as `policies.control.Handover` does), a new demonstrator
+    carries on: with the cube in hand it keeps holding it; over the cube with the hand open it
+    goes down from there instead of back up to the hover height."""
+    import numpy as np
+
+    from envs.robosuite_env import RobosuiteTraceEnv
+
+    env = RobosuiteTraceEnv("Stack", "Panda", render_images=False)
+    demo = demos.make_demonstrator("Stack")
+    try:
+        env.reset(seed=0)
+        for _ in range(envs.MAX_EPISODE_STEPS["Stack"]):
+            env.step(demo(env))
+            if demo.phase == phase and demo.phase_steps >= steps_in:
+                break
+        assert demo.phase == phase, f"the demonstrator never spent {steps_in} steps in {phase}"
+        z_handover = env.T_world_eef()[2, 3]
+        fresh = demos.make_demonstrator("Stack")
+        grippers, z_max, info = [], z_handover, {"success": False}
+        for _ in range(envs.MAX_EPISODE_STEPS["Stack"]):
+            action = fresh(env)
+            grippers.append(action[6])
+            _, _, _, _, info = env.step(action)
+            if fresh.phase in ("open", "hover", "descend"):
+                z_max = max(z_max, env.T_world_eef()[2, 3])
+            if info["success"]:
+                break
+    finally:
+        env.close()
+    assert info["success"], f"no success after handing over in {phase}"
+    if phase == "carry":
+        assert np.all(np.array(grippers[:10]) == demos.CLOSE)  # never let go of the cube
+    else:
+        assert z_max < z_handover + 0.01  # no climb back to the hover height
+
+
 def test_demonstrator_drives_a_gymnasium_env(demos):
     gymnasium = pytest.importorskip("gymnasium")
     envs.register_all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 
@@ -27,12 +28,39 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="steps per episode at most")
     p.add_argument("--only-success", action="store_true", help="drop failed demonstrations")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    rec = p.add_argument_group(
+        "recovery demonstrations",
+        "the action expert drives in closed loop (with μ0's traces), then the demonstrator "
+        "takes over and finishes the task (policies.recovery)",
+    )
+    rec.add_argument("--expert", type=Path, default=None, help="action-expert directory")
+    rec.add_argument(
+        "--handover",
+        type=int,
+        nargs=2,
+        default=(60, 220),
+        metavar=("FIRST", "LAST"),
+        help="the takeover step is drawn per seed from FIRST..LAST",
+    )
+    rec.add_argument("--server", default=None, help="tcp://HOST:PORT of a running trace server")
+    rec.add_argument(
+        "--checkpoint", type=Path, default=Path("checkpoints/tiny"), help="μ0 for the server"
+    )
+    rec.add_argument(
+        "--extra-steps",
+        type=int,
+        default=150,
+        help="steps beyond the task's limit the demonstrator may take to recover",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from envs import MAX_EPISODE_STEPS
     from envs.collect import CollectConfig, collect
 
+    if args.expert is not None and args.max_steps is None:
+        args.max_steps = MAX_EPISODE_STEPS[args.task] + args.extra_steps
     cfg = CollectConfig(
         task=args.task,
         robot=args.robot,
@@ -44,7 +72,11 @@ def run(args: argparse.Namespace) -> int:
         only_success=args.only_success,
     )
     try:
-        summary = collect(args.out, cfg, progress=not args.quiet)
+        with contextlib.ExitStack() as stack:
+            rollout = None
+            if args.expert is not None:
+                rollout = _recovery(args, stack)
+            summary = collect(args.out, cfg, progress=not args.quiet, rollout=rollout)
     except KeyboardInterrupt:
         print(f"interrupted: finished episodes are kept in {args.out}; run again to resume")
         return 130
@@ -53,3 +85,34 @@ def run(args: argparse.Namespace) -> int:
         f"success {summary['success_rate']:.0%}) in {summary['path']}"
     )
     return 0
+
+
+def _recovery(args: argparse.Namespace, stack: contextlib.ExitStack):
+    """The recovery rollout: the expert, a trace client (to a server this starts if need be)."""
+    from policies import load_expert
+    from policies.recovery import recovery_rollout
+    from runtime.client import TraceClient
+    from runtime.commands.eval_policy import trace_server
+
+    expert = load_expert(args.expert)
+    if expert.cfg.embodiment != args.robot:
+        raise SystemExit(
+            f"mu0 collect: {args.expert} is a {expert.cfg.embodiment} expert, not {args.robot}"
+        )
+    server = args.server or stack.enter_context(trace_server(args.checkpoint))
+    client = stack.enter_context(
+        contextlib.closing(TraceClient(server, timeout_s=10.0, max_age_s=1.0))
+    )
+    client.hello()
+    client.start_stream()
+    try:
+        return recovery_rollout(
+            args.task,
+            expert,
+            client,
+            tuple(args.handover),
+            args.max_steps,
+            expert_name=str(args.expert),
+        )
+    except ValueError as e:
+        raise SystemExit(f"mu0 collect: {e}") from e
