@@ -46,23 +46,23 @@ class Handover:
     """The scripted demonstrator takes over from the expert, for recovery demonstrations.
 
     From ``step`` on, at the first state it can pick up from cleanly (the object between the
-    fingers, or the gripper command unchanged for ``settle_steps`` steps: the hand not in the
-    middle of opening or closing), the task's demonstrator drives instead of the expert, to
-    the end of the episode. It picks up wherever the expert left the scene: a dropped object
-    is grasped again, a hand closed on nothing opens.
+    fingers, or the hand commanded open for ``open_steps`` steps: not in the middle of closing
+    on the object), the task's demonstrator drives instead of the expert, to the end of the
+    episode. It picks up wherever the expert left the scene: a dropped object is grasped again.
+    A hand that stays closed on nothing is never taken over.
     """
 
     step: int
     demonstrator: Any
-    settle_steps: int = 10
+    open_steps: int = 10
     taken_at: int | None = None
 
     def ready(self, env, step: int, grippers: list[float]) -> bool:
         if step < self.step:
             return False
-        recent = np.sign(grippers[-self.settle_steps :])
-        settled = len(recent) == self.settle_steps and len(set(recent.tolist())) == 1
-        return settled or self.demonstrator.object_in_hand(env)
+        recent = grippers[-self.open_steps :]
+        opened = len(recent) == self.open_steps and max(recent) <= 0.0
+        return opened or self.demonstrator.object_in_hand(env)
 
 
 @dataclass

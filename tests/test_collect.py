@@ -180,7 +180,7 @@ def test_recovery_recording_keeps_the_demonstrators_frames(tmp_path, env, tiny_m
             return a
 
     def rollout(env, seed, rec):
-        ho = Handover(4, make_demonstrator("Lift"), settle_steps=3)
+        ho = Handover(4, make_demonstrator("Lift"), open_steps=3)
         res = run_episode(
             env, HoldOpen(), "no_trace", seed, max_steps=STEPS, handover=ho, on_step=rec.add
         )
