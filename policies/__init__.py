@@ -6,7 +6,8 @@
 
 `policies.base` holds the shared network; `policies/<robot>.py` one small file per embodiment;
 `policies.queries` picks the query points and turns server replies into base-frame traces;
-`policies.train` trains an expert against the frozen μ0; `policies.control` runs the loop.
+`policies.train` trains an expert against the frozen μ0; `policies.control` runs the loop;
+`policies.recovery` records demonstrations of recovering from where an expert drifted.
 """
 
 from policies.base import (
