@@ -8,8 +8,9 @@ proprioception, the instruction and the recorded action chunk a[t : t + chunk] (
 the end, with a mask), plus where the gripper is when its motion segment ends (``goal``,
 ``goal_rot``: the expert's auxiliary target, read off the recorded proprioception). Ground-truth
 future traces are never used. In a recovery recording (the expert drove, then the scripted
-demonstrator took over: ``mu0 collect --expert``) only the demonstrator's frames are kept. Predictions are cached per (episode, μ0 checkpoint hash, stride)
-in one safetensors file, so retraining an expert costs no μ0 call.
+demonstrator took over: ``mu0 collect --expert``) only the demonstrator's frames are kept.
+Predictions are cached per (episode, μ0 checkpoint hash, stride) in one safetensors file, so
+retraining an expert costs no μ0 call.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ recording keeps every frame (so the gripper history is right) and the frame of t
 training keeps only the demonstrator's frames (`policies.data.first_kept_frame`).
 
     mu0 collect --task Stack --robot UR5e --expert checkpoints/experts/UR5e \\
-        --handover 60 220 --episodes 100 --seed 700 --only-success --out data/...
+        --handover 90 260 --episodes 70 --seed 700 --only-success --out data/...
 """
 
 from __future__ import annotations
