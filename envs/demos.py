@@ -380,22 +380,14 @@ class PickAndPlace(ScriptedDemonstrator):
         return float(np.linalg.norm(obj_pos - expected)) < self.slip_m
 
     def object_in_hand(self, env: RobosuiteTraceEnv) -> bool:
-        """Both finger pads touch the object."""
-        sim = env.sim
-        model = sim.model
-        geoms = env.robosuite_env.robots[0].gripper[env._arm].important_geoms
-        pads = [
-            {model.geom_name2id(name) for name in geoms[side]}
-            for side in ("left_fingerpad", "right_fingerpad")
+        """Both finger pads touch the object (robosuite's own grasp check)."""
+        rs_env, model = env.robosuite_env, env.sim.model
+        geoms = [
+            model.geom_id2name(g)
+            for g in np.flatnonzero(model.geom_bodyid == self.object_body(env))
         ]
-        body = self.object_body(env)
-        touching = [False, False]
-        for c in sim.data.contact[: sim.data.ncon]:
-            for pad, other in ((c.geom1, c.geom2), (c.geom2, c.geom1)):
-                if model.geom_bodyid[other] == body:
-                    for k in (0, 1):
-                        touching[k] = touching[k] or pad in pads[k]
-        return all(touching)
+        gripper = rs_env.robots[0].gripper[env._arm]
+        return bool(rs_env._check_grasp(gripper=gripper, object_geoms=[g for g in geoms if g]))
 
     def _regrasp(self) -> None:
         """Open, back off upward and try again from the hover pose, while tries are left."""

@@ -56,13 +56,16 @@ class Handover:
     demonstrator: Any
     open_steps: int = 10
     taken_at: int | None = None
+    _open_run: int = field(default=0, init=False)  # steps in a row the hand was commanded open
 
-    def ready(self, env, step: int, grippers: list[float]) -> bool:
+    def ready(self, env, step: int, last_gripper: float | None) -> bool:
+        """Called every step before the takeover, with the previous action's gripper command
+        (None at the first step)."""
+        if last_gripper is not None:
+            self._open_run = self._open_run + 1 if last_gripper <= 0.0 else 0
         if step < self.step:
             return False
-        recent = grippers[-self.open_steps :]
-        opened = len(recent) == self.open_steps and max(recent) <= 0.0
-        return opened or self.demonstrator.object_in_hand(env)
+        return self._open_run >= self.open_steps or self.demonstrator.object_in_hand(env)
 
 
 @dataclass
@@ -194,12 +197,11 @@ def run_episode(
     sent: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     streak = 0
     traces_base, trace_valid, point_rgb = None, None, None
-    grippers: list[float] = []
     info = {"success": False}
     for step in range(max_steps):
         t0 = time.perf_counter()
         if handover is not None and handover.taken_at is None:
-            if handover.ready(env, step, grippers):
+            if handover.ready(env, step, last_gripper if step else None):
                 handover.taken_at = step
                 handover.demonstrator.reset()
         if handover is not None and handover.taken_at is not None:
@@ -273,7 +275,6 @@ def run_episode(
             action = _hold(last_gripper)
             res.held_steps += 1
         last_gripper = float(action[6])
-        grippers.append(last_gripper)
         if record_frames:
             res.frames.append(_draw(obs, traces_base, condition))
         if on_step is not None:
