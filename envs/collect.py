@@ -480,7 +480,9 @@ def collect(
 
     ``rollout`` plays each episode (default: the task's scripted demonstrator); what it
     returns besides success goes into the episode's ``extra`` metadata.
-    Returns a summary {"episodes", "new", "frames", "success_rate", "path"}.
+    Returns a summary {"episodes", "new", "frames", "success_rate", "path", "skipped"}, where
+    ``skipped`` counts the seeds of this run not kept: ``declined`` (the rollout returned
+    None) and ``failed`` (with ``only_success``).
     """
     from tqdm.auto import tqdm
 
@@ -516,6 +518,7 @@ def collect(
         write_dataset_meta(root, features, config.fps, config.robot)
     new = 0
     failed_in_a_row = 0
+    skipped = {"declined": 0, "failed": 0}
     bar = tqdm(
         total=config.episodes,
         initial=min(len(done), config.episodes),
@@ -530,6 +533,7 @@ def collect(
             played = rollout(env, seed, rec)
             success, extra = played if played is not None else (False, {})
             if played is None or (config.only_success and not success):
+                skipped["declined" if played is None else "failed"] += 1
                 failed_in_a_row += 1
                 bar.set_postfix(skipped_seed=seed)
                 if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
@@ -582,4 +586,5 @@ def collect(
         "frames": sum(m["length"] for m in done),
         "success_rate": float(np.mean([m["extra"]["success"] for m in done])) if done else 0.0,
         "path": str(root),
+        "skipped": skipped,
     }

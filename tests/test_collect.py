@@ -135,6 +135,35 @@ def test_only_success_stops_when_the_demonstrator_keeps_failing(tmp_path, env, m
     assert finished_episodes(tmp_path / "never") == []
 
 
+def test_seeds_not_kept_are_counted_by_cause(tmp_path, env):
+    """A rollout that declines a seed (a recovery episode the demonstrator never took over) and
+    a demonstrator failure under only_success are told apart in the summary."""
+    import dataclasses
+
+    from envs.collect import demonstrator_rollout
+
+    play = demonstrator_rollout("Lift", STEPS)  # 12 steps never lift the cube: a failure
+
+    def rollout(env, seed, rec):
+        return None if seed == 5 else play(env, seed, rec)
+
+    summary = collect(tmp_path / "a", _cfg(1), progress=False, env=env, rollout=rollout)
+    assert summary["skipped"] == {"declined": 1, "failed": 0}
+    assert [m["extra"]["seed"] for m in finished_episodes(tmp_path / "a")] == [6]
+    cfg = dataclasses.replace(_cfg(1), only_success=True)
+    calls = []
+
+    def one_success(env, seed, rec):  # seeds 5 and 6 fail, 7 declined, 8 kept as a success
+        calls.append(seed)
+        if seed == 7:
+            return None
+        success, extra = play(env, seed, rec)
+        return (seed == 8 or success), extra
+
+    summary = collect(tmp_path / "b", cfg, progress=False, env=env, rollout=one_success)
+    assert calls == [5, 6, 7, 8] and summary["skipped"] == {"declined": 1, "failed": 2}
+
+
 def test_train_expert_on_a_recording(tmp_path, env, tiny_model):
     """Training an expert end to end: μ0 traces cached per episode, an expert that loads, the
     segment-goal error logged on held-out samples."""
