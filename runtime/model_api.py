@@ -51,20 +51,21 @@ class TraceModel(Protocol):
         ...
 
 
+_DTYPES = {name: np.dtype(name) for name in ("uint8", "float32", "bool")}
+_OBS_FIELDS = frozenset({"rgb", "depth_m", "instruction", "hist_uvz", "hist_valid", "intrinsics"})
+
+
 def _require(obs: dict[str, Any], key: str, dtype: str, shape: tuple[int | None, ...]) -> None:
     """Check one array field; ``None`` in ``shape`` accepts any size on that axis."""
     value = obs.get(key)
     if not isinstance(value, np.ndarray):
         raise WireError(ErrorCode.MALFORMED, f"'{key}' must be an array")
-    if value.dtype != np.dtype(dtype):
+    if value.dtype != _DTYPES[dtype]:
         raise WireError(ErrorCode.BAD_DTYPE, f"'{key}' must be {dtype}, got {value.dtype}")
-    if value.ndim != len(shape) or any(
-        s is not None and s != d for s, d in zip(shape, value.shape)
-    ):
+    got = value.shape
+    if len(got) != len(shape) or not all(s is None or s == d for s, d in zip(shape, got)):
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise WireError(
-            ErrorCode.BAD_SHAPE, f"'{key}' must be {dtype}{want}, got {list(value.shape)}"
-        )
+        raise WireError(ErrorCode.BAD_SHAPE, f"'{key}' must be {dtype}{want}, got {list(got)}")
 
 
 def validate_observation(
@@ -91,18 +92,30 @@ def validate_observation(
     if obs.get("hist_valid") is not None:
         _require(obs, "hist_valid", "bool", (N, history_steps))
     _require(obs, "intrinsics", "float32", (4,))
-    unknown = set(obs) - {"rgb", "depth_m", "instruction", "hist_uvz", "hist_valid", "intrinsics"}
+    unknown = obs.keys() - _OBS_FIELDS
     if unknown:
         raise WireError(ErrorCode.MALFORMED, f"unknown observation fields {sorted(unknown)}")
 
 
-def uvz_to_xyz_cam(uvz: np.ndarray, intrinsics: np.ndarray, width: int, height: int) -> np.ndarray:
-    """float32[..., 3] (normalised uv, z m) -> float32[..., 3] OpenCV camera frame, metres."""
-    fx, fy, cx, cy = (float(x) for x in intrinsics)
-    u_px = ((uvz[..., 0] + 1.0) * width - 1.0) / 2.0  # inverse of (2 u + 1) / W - 1
-    v_px = ((uvz[..., 1] + 1.0) * height - 1.0) / 2.0
-    z = uvz[..., 2]
-    return np.stack([(u_px - cx) * z / fx, (v_px - cy) * z / fy, z], axis=-1).astype(np.float32)
+def uvz_to_xyz_cam(
+    uvz: np.ndarray,
+    intrinsics: np.ndarray,
+    width: int,
+    height: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """float32[..., 3] (normalised uv, z m) -> float32[..., 3] OpenCV camera frame, metres
+    (into ``out`` when given)."""
+    fx, fy, cx, cy = np.asarray(intrinsics, np.float64).tolist()
+    # u_px = ((u + 1) W - 1) / 2 inverts u = (2 u_px + 1) / W - 1; x = (u_px - cx) z / fx,
+    # so x / z = u W / (2 fx) + ((W - 1) / 2 - cx) / fx, and likewise for y.
+    scale = (width / (2 * fx), height / (2 * fy), 0.0)
+    offset = (((width - 1) / 2 - cx) / fx, ((height - 1) / 2 - cy) / fy, 1.0)
+    if out is None:
+        out = np.empty(np.shape(uvz), np.float32)
+    np.add(np.multiply(uvz, scale, dtype=np.float32), offset, out=out, dtype=np.float32)
+    out *= uvz[..., 2:3]
+    return out
 
 
 class EchoTraceModel:
@@ -143,17 +156,14 @@ class EchoTraceModel:
             time.sleep(self.compute_s)
         out = []
         for obs in observations:
-            current = np.asarray(obs["hist_uvz"][:, -1, :], dtype=np.float32)  # [N, 3]
-            H_img, W_img = obs["rgb"].shape[:2]
-            xyz = uvz_to_xyz_cam(current, obs["intrinsics"], W_img, H_img)
-            shape = (current.shape[0], self.horizon, 3)  # every step repeats the current one
-            out.append(
-                {
-                    "traces_uvz": np.ascontiguousarray(np.broadcast_to(current[:, None], shape)),
-                    "traces_xyz_cam": np.ascontiguousarray(np.broadcast_to(xyz[:, None], shape)),
-                    "done": np.zeros(shape[:2], dtype=bool),
-                }
-            )
+            hist = obs["hist_uvz"]
+            n, (h_img, w_img) = hist.shape[0], obs["rgb"].shape[:2]
+            traces = np.empty((2, n, self.horizon, 3), np.float32)  # uvz and xyz, one buffer
+            traces[0, :, 0] = hist[:, -1]  # the current position...
+            uvz_to_xyz_cam(traces[0, :, 0], obs["intrinsics"], w_img, h_img, out=traces[1, :, 0])
+            traces[:, :, 1:] = traces[:, :, :1]  # ...at every step of the horizon
+            done = np.zeros((n, self.horizon), dtype=bool)
+            out.append({"traces_uvz": traces[0], "traces_xyz_cam": traces[1], "done": done})
         return out
 
 

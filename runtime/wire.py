@@ -1,10 +1,11 @@
 """The μ0 trace wire format: msgpack headers plus raw array frames (docs/protocol.md).
 
-A message is a list of byte frames. Frame 0 is a msgpack map (the header); every
-numpy array inside it is replaced by ``{"dtype": str, "shape": [int...], "frame": k}``
-and its bytes travel, uncopied, as frame ``k`` (k >= 1). Decoding builds read-only
-``np.frombuffer`` views over the received frames, so big images are never copied on
-either side. Nothing here imports zmq, torch or pickle: this module is the contract.
+A message is a list of byte frames. Frame 0 is a msgpack map (the header). Every numpy
+array inside it becomes a map ``{"dtype": str, "shape": [int...], ...}``: a small array
+(under ``INLINE_MAX_BYTES``) carries its bytes inline as ``"data": bin``; a large one
+names an extra frame, ``"frame": k`` (k >= 1), whose bytes travel uncopied. Decoding
+builds read-only ``np.frombuffer`` views, so big images are never copied on either side.
+Nothing here imports zmq, torch or pickle: this module is the contract.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: arrays under INLINE_MAX_BYTES travel inside the header
+
+# Arrays smaller than this travel inside the header (one copy, no extra frame): below it,
+# ZeroMQ copies a frame anyway, and every frame costs a send, a receive and a wake-up.
+INLINE_MAX_BYTES = 64 * 1024
 
 # Messages whose frames add up to more than this are refused with TOO_LARGE. 64 MiB fits
 # a few 4K RGB-D frames; servers may lower it.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Nesting depth of maps/lists a header may use; real messages need 3.
-_MAX_DEPTH = 8
 
 
 class Kind(str, enum.Enum):
@@ -88,7 +91,8 @@ SUPPORTED_DTYPES: dict[str, np.dtype] = {
     )
 }
 _NAME_OF_KIND_SIZE = {(dt.kind, dt.itemsize): name for name, dt in SUPPORTED_DTYPES.items()}
-_ARRAY_KEYS = frozenset({"dtype", "shape", "frame"})
+# The key sets of an array map: bytes in an extra frame, or inline.
+_ARRAY_KEYS = ({"dtype", "shape", "frame"}, {"dtype", "shape", "data"})
 
 
 def dtype_name(dtype: np.dtype) -> str:
@@ -103,38 +107,37 @@ def dtype_name(dtype: np.dtype) -> str:
 
 
 def encode(header: dict[str, Any]) -> list[bytes | memoryview]:
-    """Header map (arrays anywhere inside) -> frames. Array frames are memoryviews of the
-    arrays (or of a contiguous little-endian copy when the array is not one already);
-    send them with ``copy=False`` and keep the arrays alive until the send completes
-    (pyzmq's zero-copy send holds a reference for you)."""
+    """Header map (arrays anywhere inside) -> frames. Map keys must be strings: a peer
+    refuses any other. Large-array frames are memoryviews of the arrays (or of a
+    contiguous little-endian copy when the array is not one already); send them with
+    ``copy=False`` and keep the arrays alive until the send completes (pyzmq's zero-copy
+    send holds a reference for you)."""
     buffers: list[memoryview] = []
-    packed = msgpack.packb(_encode_value(header, buffers, 0), use_bin_type=True)
+
+    def default(value: Any) -> Any:  # msgpack calls this for every value it cannot pack
+        if isinstance(value, np.ndarray):
+            return _encode_array(value, buffers)
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, enum.Enum):
+            return value.value
+        raise WireError(ErrorCode.MALFORMED, f"cannot encode a {type(value).__name__}")
+
+    try:
+        packed = msgpack.packb(header, use_bin_type=True, default=default)
+    except WireError:
+        raise
+    except (TypeError, ValueError) as exc:  # non-str keys, too deep, out-of-range ints
+        raise WireError(ErrorCode.MALFORMED, f"cannot encode the header ({exc})") from None
     return [packed, *buffers]
-
-
-def _encode_value(value: Any, buffers: list[memoryview], depth: int) -> Any:
-    if depth > _MAX_DEPTH:
-        raise WireError(ErrorCode.MALFORMED, "structure nested too deeply")
-    if isinstance(value, np.ndarray):
-        return _encode_array(value, buffers)
-    if isinstance(value, dict):
-        return {str(k): _encode_value(v, buffers, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encode_value(v, buffers, depth + 1) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        return value
-    if isinstance(value, enum.Enum):
-        return value.value
-    raise WireError(ErrorCode.MALFORMED, f"cannot encode a {type(value).__name__}")
 
 
 def _encode_array(array: np.ndarray, buffers: list[memoryview]) -> dict[str, Any]:
     name = dtype_name(array.dtype)
-    wire = SUPPORTED_DTYPES[name]
     # Only copies when the array is strided or big-endian; the common case is a view.
-    array = array.astype(wire, order="C", copy=False)  # keeps 0-d arrays 0-d
+    array = array.astype(SUPPORTED_DTYPES[name], order="C", copy=False)  # keeps 0-d arrays 0-d
+    if array.nbytes < INLINE_MAX_BYTES:
+        return {"dtype": name, "shape": list(array.shape), "data": array.tobytes()}
     buffers.append(memoryview(array.reshape(-1).view(np.uint8)))
     return {"dtype": name, "shape": list(array.shape), "frame": len(buffers)}
 
@@ -151,7 +154,8 @@ def frame_bytes(frame: Any) -> memoryview:
 def decode(
     frames: Sequence[Any], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 ) -> dict[str, Any]:
-    """Frames -> header map with arrays restored as read-only views over the frames.
+    """Frames -> header map with arrays restored as read-only views (over the frames, or
+    over the header's bytes for inline arrays).
 
     Raises WireError(TOO_LARGE) above ``max_message_bytes`` (all frames together) and
     WireError(MALFORMED / BAD_DTYPE / BAD_SHAPE) for anything that is not a valid message.
@@ -165,71 +169,84 @@ def decode(
         raise WireError(
             ErrorCode.TOO_LARGE, f"message is {total} bytes; the limit is {max_message_bytes}"
         )
+    used: set[int] = set()
+
+    def object_hook(value: dict[str, Any]) -> Any:  # msgpack calls this for every map
+        if len(value) == 3 and value.keys() in _ARRAY_KEYS:
+            return _decode_array(value, views, used)
+        return value
+
     try:
         # strict_map_key keeps keys to str/bytes; unpackb bounds container sizes by the
-        # buffer's length, so a tiny header cannot claim a huge map. Ext types are refused.
-        header = msgpack.unpackb(views[0], raw=False, strict_map_key=True, ext_hook=_refuse_ext)
-    except WireError:
-        raise
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise WireError(ErrorCode.MALFORMED, f"header is not valid msgpack ({exc})") from None
-    if not isinstance(header, dict):
-        raise WireError(ErrorCode.MALFORMED, "header must be a msgpack map")
-    request_id = header.get("id")
-    used: set[int] = set()
-    try:
-        decoded = _decode_value(header, views, used, 0)
+        # buffer's length (a tiny header cannot claim a huge map) and nesting by its own
+        # stack (StackError). Ext types are refused.
+        header = msgpack.unpackb(
+            views[0],
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+            object_hook=object_hook,
+        )
+        if not isinstance(header, dict):
+            raise WireError(ErrorCode.MALFORMED, "header must be a msgpack map")
         if len(used) != len(views) - 1:
             raise WireError(
                 ErrorCode.MALFORMED,
                 f"message has {len(views) - 1} array frames; the header references {len(used)}",
             )
     except WireError as exc:
-        # Let the error reply name the request it answers.
-        exc.request_id = request_id if type(request_id) is int else None
+        # Let the error reply name the request it answers, when the header has a readable id.
+        exc.request_id = _request_id_of(views[0])
         raise
-    return decoded
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(ErrorCode.MALFORMED, f"header is not valid msgpack ({exc})") from None
+    return header
+
+
+def _request_id_of(packed: memoryview) -> int | None:
+    """The ``id`` of a header whose arrays failed to decode (None if unreadable)."""
+    try:
+        header = msgpack.unpackb(packed, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    except Exception:
+        return None
+    request_id = header.get("id") if isinstance(header, dict) else None
+    return request_id if type(request_id) is int else None
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise WireError(ErrorCode.MALFORMED, "msgpack ext types are not allowed")
 
 
-def _decode_value(value: Any, views: list[memoryview], used: set[int], depth: int) -> Any:
-    if depth > _MAX_DEPTH:
-        raise WireError(ErrorCode.MALFORMED, "structure nested too deeply")
-    if isinstance(value, dict):
-        if value.keys() == _ARRAY_KEYS:
-            return _decode_array(value, views, used)
-        return {k: _decode_value(v, views, used, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode_value(v, views, used, depth + 1) for v in value]
-    return value
-
-
 def _decode_array(spec: dict[str, Any], views: list[memoryview], used: set[int]) -> np.ndarray:
-    name, shape, k = spec["dtype"], spec["shape"], spec["frame"]
-    if not isinstance(name, str) or name not in SUPPORTED_DTYPES:
+    name, shape = spec["dtype"], spec["shape"]
+    dtype = SUPPORTED_DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
         raise WireError(ErrorCode.BAD_DTYPE, f"unsupported dtype {name!r}")
     if (
-        not isinstance(shape, list)
+        type(shape) is not list
         or len(shape) > 32
         or not all(type(d) is int and d >= 0 for d in shape)
     ):
         raise WireError(ErrorCode.BAD_SHAPE, f"shape must be a list of non-negative ints: {shape}")
-    if type(k) is not int or not 1 <= k < len(views):
-        raise WireError(ErrorCode.MALFORMED, f"array frame {k!r} is not in this message")
-    if k in used:
-        raise WireError(ErrorCode.MALFORMED, f"array frame {k} is referenced twice")
-    used.add(k)
-    dtype = SUPPORTED_DTYPES[name]
+    data = spec.get("data")
+    if data is None:
+        k = spec["frame"]
+        if type(k) is not int or not 1 <= k < len(views):
+            raise WireError(ErrorCode.MALFORMED, f"array frame {k!r} is not in this message")
+        if k in used:
+            raise WireError(ErrorCode.MALFORMED, f"array frame {k} is referenced twice")
+        used.add(k)
+        data, where = views[k], f"frame {k}"
+    elif type(data) is not bytes:
+        raise WireError(ErrorCode.MALFORMED, "inline array 'data' must be bin")
+    else:
+        where = "inline data"
     expected = math.prod(shape) * dtype.itemsize
-    if views[k].nbytes != expected:
+    if len(data) != expected:
         raise WireError(
-            ErrorCode.BAD_SHAPE,
-            f"frame {k} has {views[k].nbytes} bytes; {name}{shape} needs {expected}",
+            ErrorCode.BAD_SHAPE, f"{where} has {len(data)} bytes; {name}{shape} needs {expected}"
         )
-    array = np.frombuffer(views[k], dtype=dtype).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
     array.flags.writeable = False  # a view over the network buffer: copy before mutating
     return array
 

@@ -51,7 +51,10 @@ def test_predict_holds_points_still_and_reports_timings(server) -> None:
     assert {"queue_ms", "infer_ms", "total_ms", "batch_size"} <= reply.timings.keys()
 
 
-def _predict_header(obs: dict, rid: int = 1, v: int = 1) -> dict:
+V = wire.PROTOCOL_VERSION
+
+
+def _predict_header(obs: dict, rid: int = 1, v: int = wire.PROTOCOL_VERSION) -> dict:
     return {"v": v, "kind": "predict", "id": rid, "body": {"obs": obs}}
 
 
@@ -66,17 +69,18 @@ def _bad_messages() -> dict[str, tuple[list, ErrorCode]]:
         "truncated_frames": (frames[:2], ErrorCode.MALFORMED),  # header names missing frames
         "truncated_array": ([frames[0], bytes(frames[1])[:-7], *frames[2:]], ErrorCode.BAD_SHAPE),
         "truncated_header": ([bytes(frames[0])[:-5], *frames[1:]], ErrorCode.MALFORMED),
+        "version_1_client": (wire.encode(_predict_header(good, v=1)), ErrorCode.VERSION_MISMATCH),
         "wrong_shape": (wire.encode(_predict_header(wrong_shape)), ErrorCode.BAD_SHAPE),
         "wrong_dtype": (wire.encode(_predict_header(wrong_dtype)), ErrorCode.BAD_DTYPE),
         "missing_field": (wire.encode(_predict_header({"rgb": good["rgb"]})), ErrorCode.MALFORMED),
         "no_obs": (
-            wire.encode({"v": 1, "kind": "predict", "id": 1, "body": {}}),
+            wire.encode({"v": V, "kind": "predict", "id": 1, "body": {}}),
             ErrorCode.MALFORMED,
         ),
         "version": (wire.encode(_predict_header(good, v=99)), ErrorCode.VERSION_MISMATCH),
-        "kind": (wire.encode({"v": 1, "kind": "exec", "id": 1}), ErrorCode.UNKNOWN_KIND),
+        "kind": (wire.encode({"v": V, "kind": "exec", "id": 1}), ErrorCode.UNKNOWN_KIND),
         "oversized": (
-            [msgpack.packb({"v": 1, "kind": "ping", "id": 1}), b"x" * (3 << 19)],
+            [msgpack.packb({"v": V, "kind": "ping", "id": 1}), b"x" * (3 << 19)],
             ErrorCode.TOO_LARGE,
         ),
     }
@@ -96,7 +100,7 @@ def test_bad_messages_get_typed_errors_and_others_keep_being_served(server, case
 
 def test_frames_beyond_the_transport_limit_are_dropped_without_harm(server) -> None:
     with RawDealer(server.address) as bad, TraceClient(server.address) as good:
-        bad.send_frames([msgpack.packb({"v": 1, "kind": "ping", "id": 1}), b"x" * (4 << 20)])
+        bad.send_frames([msgpack.packb({"v": V, "kind": "ping", "id": 1}), b"x" * (4 << 20)])
         assert bad.recv(timeout_s=0.3) is None  # zmq's MAXMSGSIZE cut the connection
         good.predict(make_observation())
 

@@ -13,16 +13,26 @@ from runtime.wire import ErrorCode, Kind, WireError
 
 
 @pytest.mark.parametrize("name", sorted(wire.SUPPORTED_DTYPES))
-@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 4, 5)])
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 4, 5), (128, 128, 4)])
 def test_round_trip_every_dtype(name: str, shape: tuple[int, ...]) -> None:
     rng = np.random.default_rng(0)
     array = np.asarray(rng.uniform(-100, 100, size=shape)).astype(name)
     frames = wire.encode(wire.request(Kind.PREDICT, 5, {"obs": {"x": array}}))
-    assert len(frames) == 2
+    # Small arrays travel inside the header, large ones in a frame of their own.
+    assert len(frames) == (2 if array.nbytes >= wire.INLINE_MAX_BYTES else 1)
     out = wire.decode(frames)["body"]["obs"]["x"]
     assert out.dtype == np.dtype(name) and out.shape == shape
     np.testing.assert_array_equal(out, array)
     assert not out.flags.writeable  # a view over the message buffer
+
+
+def test_the_inline_limit_is_where_frames_begin() -> None:
+    below = np.zeros(wire.INLINE_MAX_BYTES - 1, np.uint8)
+    at = np.zeros(wire.INLINE_MAX_BYTES, np.uint8)
+    frames = wire.encode({"below": below, "at": at})
+    assert len(frames) == 2 and memoryview(frames[1]).nbytes == wire.INLINE_MAX_BYTES
+    header = msgpack.unpackb(frames[0])
+    assert header["below"]["data"] == bytes(below) and header["at"]["frame"] == 1
 
 
 def test_array_frames_are_views_not_copies() -> None:
@@ -36,9 +46,10 @@ def test_array_frames_are_views_not_copies() -> None:
 def test_strided_and_big_endian_arrays_travel_as_little_endian_contiguous() -> None:
     base = np.arange(24, dtype=">i4").reshape(4, 6)
     view = base[:, ::2]
-    out = wire.decode(wire.encode({"a": view}))["a"]
-    np.testing.assert_array_equal(out, view)
-    assert out.dtype == np.dtype("<i4")
+    for array in (view, np.tile(view, (1000, 1))):  # inline and in a frame of its own
+        out = wire.decode(wire.encode({"a": array}))["a"]
+        np.testing.assert_array_equal(out, array)
+        assert out.dtype == np.dtype("<i4")
 
 
 def test_nested_values_and_several_arrays() -> None:
@@ -62,14 +73,27 @@ def test_unsupported_dtypes_are_refused_when_sending(array: np.ndarray) -> None:
     assert err.value.code is ErrorCode.BAD_DTYPE
 
 
-def test_non_wire_python_objects_are_refused() -> None:
+@pytest.mark.parametrize("value", [object(), {1, 2}, 2**70])
+def test_non_wire_python_objects_are_refused(value: object) -> None:
     with pytest.raises(WireError) as err:
-        wire.encode({"x": object()})
+        wire.encode({"x": value})
+    assert err.value.code is ErrorCode.MALFORMED
+
+
+def test_deep_nesting_is_refused_both_ways() -> None:
+    deep: list = []
+    for _ in range(2000):
+        deep = [deep]
+    with pytest.raises(WireError) as err:
+        wire.encode({"x": deep})
+    assert err.value.code is ErrorCode.MALFORMED
+    with pytest.raises(WireError) as err:  # msgpack's own stack bounds what a peer may send
+        wire.decode([b"\x91" * 5000 + b"\xc0"])
     assert err.value.code is ErrorCode.MALFORMED
 
 
 def _header(body: dict) -> bytes:
-    return msgpack.packb({"v": 1, "kind": "predict", "id": 9, "body": body})
+    return msgpack.packb({"v": wire.PROTOCOL_VERSION, "kind": "predict", "id": 9, "body": body})
 
 
 @pytest.mark.parametrize(
@@ -101,6 +125,9 @@ def _header(body: dict) -> bytes:
         ),
         ([_header({"x": {"dtype": "uint8", "shape": [1], "frame": 0}}), b"a"], ErrorCode.MALFORMED),
         ([_header({}), b"unreferenced"], ErrorCode.MALFORMED),
+        ([_header({"x": {"dtype": "uint8", "shape": [4], "data": b"abc"}})], ErrorCode.BAD_SHAPE),
+        ([_header({"x": {"dtype": "uint8", "shape": [3], "data": "abc"}})], ErrorCode.MALFORMED),
+        ([_header({"x": {"dtype": "bfloat16", "shape": [1], "data": b"ab"}})], ErrorCode.BAD_DTYPE),
     ],
 )
 def test_malformed_messages_raise_typed_errors(frames: list[bytes], code: ErrorCode) -> None:
@@ -133,12 +160,13 @@ def test_size_limit_counts_all_frames() -> None:
 def test_check_header_versions_and_kinds() -> None:
     kind, rid, body = wire.check_header(wire.request(Kind.PING, 3), wire.REQUEST_KINDS)
     assert (kind, rid, body) == (Kind.PING, 3, {})
+    v = wire.PROTOCOL_VERSION
     bad = [
-        ({"v": 2, "kind": "ping", "id": 1}, ErrorCode.VERSION_MISMATCH),
-        ({"v": 1, "kind": "launch", "id": 1}, ErrorCode.UNKNOWN_KIND),
-        ({"v": 1, "kind": "trace", "id": 1}, ErrorCode.UNKNOWN_KIND),  # a reply kind as a request
-        ({"v": 1, "kind": "ping", "id": "1"}, ErrorCode.MALFORMED),
-        ({"v": 1, "kind": "ping", "id": 1, "body": [1]}, ErrorCode.MALFORMED),
+        ({"v": 1, "kind": "ping", "id": 1}, ErrorCode.VERSION_MISMATCH),  # a version-1 peer
+        ({"v": v, "kind": "launch", "id": 1}, ErrorCode.UNKNOWN_KIND),
+        ({"v": v, "kind": "trace", "id": 1}, ErrorCode.UNKNOWN_KIND),  # a reply kind as a request
+        ({"v": v, "kind": "ping", "id": "1"}, ErrorCode.MALFORMED),
+        ({"v": v, "kind": "ping", "id": 1, "body": [1]}, ErrorCode.MALFORMED),
     ]
     for header, code in bad:
         with pytest.raises(WireError) as err:
@@ -151,5 +179,5 @@ def test_error_reply_of_version_mismatch_names_the_server_version() -> None:
     assert header["body"] == {
         "code": "version_mismatch",
         "message": "old client",
-        "server_version": 1,
+        "server_version": wire.PROTOCOL_VERSION,
     }
