@@ -6,8 +6,9 @@ stats at once, and puts each predict into its client's single *pending slot* —
 request from the same client replaces the older one, which is answered ``superseded``.
 The inference worker takes up to ``max_batch`` pending slots (waiting at most
 ``batch_window_ms`` for the other active clients), calls ``model.predict_batch``,
-and hands the results back through a queue plus an inproc PAIR wake-up, so the socket
-thread's poll sees them. A slow client never blocks anyone: ROUTER drops what a peer
+and hands the results back through a deque plus an inproc PAIR wake-up, so the socket
+thread's poll sees them. The socket thread wakes the worker by releasing a plain lock
+(a binary semaphore: the cheapest wake-up CPython has). A slow client never blocks anyone: ROUTER drops what a peer
 does not read once its high-water mark is full. Wire format: runtime/wire.py and
 docs/protocol.md.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import queue
 import threading
 import time
 import traceback
@@ -36,7 +36,8 @@ from runtime.wire import ErrorCode, Kind, WireError
 log = logging.getLogger("mu0.server")
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-_CLIENT_IDLE_S = 60.0  # forget per-client state (rate bucket) after this long unheard
+_CLIENT_IDLE_S = 60.0
+_TRACE = Kind.TRACE.value  # forget per-client state (rate bucket) after this long unheard
 
 
 def log_event(level: int, event: str, **fields: Any) -> None:
@@ -240,9 +241,12 @@ class TraceServer:
         self._wake_tx = self._ctx.socket(zmq.PAIR)  # used by the worker thread only
         self._wake_tx.connect(wake)
 
-        self._cond = threading.Condition()
-        self._pending: dict[bytes, _Pending] = {}  # guarded by _cond; insertion = FIFO
-        self._results: queue.SimpleQueue[list[_Result]] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards _pending
+        self._pending: dict[bytes, _Pending] = {}  # insertion order = FIFO
+        # Released when there may be work for the worker, which acquires it to sleep.
+        self._work = threading.Lock()
+        self._work.acquire()
+        self._results: collections.deque[list[_Result]] = collections.deque()
         self._stop = threading.Event()
         self._closed = threading.Event()
         self._clients: dict[bytes, _ClientState] = {}
@@ -314,8 +318,7 @@ class TraceServer:
         if self._closed.is_set():
             return
         self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
+        self._signal_work()
         for t in self._threads:
             t.join(timeout=5.0)
         for sock in (self._router, self._pub, self._wake_rx, self._wake_tx):
@@ -335,9 +338,7 @@ class TraceServer:
 
     def stats(self) -> dict[str, Any]:
         """Live statistics (the body of a ``stats_ok`` reply)."""
-        with self._cond:
-            pending = len(self._pending)
-        return self._stats.snapshot(len(self._clients), pending)
+        return self._stats.snapshot(len(self._clients), len(self._pending))
 
     # ------------------------------------------------------------------ socket thread
 
@@ -345,21 +346,24 @@ class TraceServer:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        router, wake_rx = self._router, self._wake_rx
         last_prune = time.monotonic()
         while not self._stop.is_set():
             events = dict(poller.poll(50))
-            if self._wake_rx in events:
-                while self._wake_rx.poll(0):
-                    self._wake_rx.recv(zmq.NOBLOCK)
-            self._send_results()
-            if self._router in events:
+            if wake_rx in events:  # the worker finished a batch
+                while wake_rx.get(zmq.EVENTS) & zmq.POLLIN:
+                    wake_rx.recv(zmq.NOBLOCK)
+                self._send_results()
+            if router in events:
                 # Bounded drain so results are not starved by a flood of requests.
                 for _ in range(256):
                     try:
-                        frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     self._handle(frames)
+                    if not router.get(zmq.EVENTS) & zmq.POLLIN:
+                        break
             now = time.monotonic()
             if now - last_prune > 0.25:
                 self._prune_clients(now)
@@ -450,12 +454,12 @@ class TraceServer:
         item = _Pending(identity, request_id, obs, t_recv)
         self._recent_predictors[identity] = time.monotonic()
         self._active_predictors = max(self._active_predictors, len(self._recent_predictors))
-        with self._cond:
+        with self._lock:
             old = self._pending.get(identity)
             if old is None and len(self._pending) >= self.max_pending:
                 raise WireError(ErrorCode.OVERLOADED, f"{len(self._pending)} clients waiting")
             self._pending[identity] = item  # replacing keeps the client's place in line
-            self._cond.notify()
+        self._signal_work()
         if old is not None:
             self._stats.counts["superseded"] += 1
             self._send(
@@ -464,12 +468,17 @@ class TraceServer:
                 old.t_recv,
             )
 
-    def _send_results(self) -> None:
-        while True:
+    def _signal_work(self) -> None:
+        """Wake the worker (a no-op while an earlier wake-up is still unclaimed)."""
+        if self._work.locked():
             try:
-                batch = self._results.get_nowait()
-            except queue.Empty:
-                return
+                self._work.release()
+            except RuntimeError:  # close() released it in between
+                pass
+
+    def _send_results(self) -> None:
+        while self._results:  # only this thread pops
+            batch = self._results.popleft()
             if batch:
                 self._stats.batch_sizes.append(len(batch))
                 self._stats.infer_ms.append(_ms(batch[0].t_end - batch[0].t_start))
@@ -510,10 +519,15 @@ class TraceServer:
         """Stamp total server time (receive -> send) and send without copying arrays."""
         total = time.perf_counter() - t_recv
         header["timings"]["total_ms"] = _ms(total)
-        if header["kind"] == Kind.TRACE.value:
+        if header["kind"] == _TRACE:
             self._stats.latency_ms.append(_ms(total))
+        frames = wire.encode(header)
         try:
-            self._router.send_multipart([identity, *wire.encode(header)], copy=False)
+            if len(frames) == 1:  # small arrays only, all inline: a plain copying send
+                self._router.send(identity, zmq.SNDMORE)
+                self._router.send(frames[0])
+            else:
+                self._router.send_multipart([identity, *frames], copy=False)
         except zmq.ZMQError as exc:  # peer gone mid-send; nothing to do
             log_event(logging.DEBUG, "send_failed", client=identity.hex(), error=exc)
 
@@ -535,7 +549,7 @@ class TraceServer:
                 log.error("event=model_failed batch=%d\n%s", len(batch), traceback.format_exc())
                 predictions = [None] * len(batch)
             t_end = time.perf_counter()
-            self._results.put(
+            self._results.append(
                 [
                     _Result(p, pred, t_start, t_end, len(batch))
                     for p, pred in zip(batch, predictions)
@@ -553,19 +567,19 @@ class TraceServer:
         The window starts when the worker is free, not when the oldest request arrived:
         otherwise clients that arrive during a forward pass split into cohorts that take
         turns in half-full batches forever, each waiting a whole pass extra."""
-        with self._cond:
-            while not self._pending and not self._stop.is_set():
-                self._cond.wait(0.2)  # a timeout, so a signal's shutdown() is seen promptly
+        while not self._pending:
             if self._stop.is_set():
                 return None
-            deadline = time.perf_counter() + self.batch_window_s
-            while not self._stop.is_set():
-                want = min(self.max_batch, max(1, self._active_predictors))
-                if len(self._pending) >= want:
-                    break
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
+            self._work.acquire(timeout=0.2)  # a timeout, so a signal's shutdown() is seen
+        deadline = time.perf_counter() + self.batch_window_s
+        while not self._stop.is_set():
+            want = min(self.max_batch, max(1, self._active_predictors))
+            if len(self._pending) >= want:
+                break
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._work.acquire(timeout=remaining)
+        with self._lock:
             keys = list(itertools.islice(self._pending, self.max_batch))
             return [self._pending.pop(k) for k in keys]
