@@ -33,8 +33,9 @@ FRAMES_AND_UNITS = {
 
 @runtime_checkable
 class TraceModel(Protocol):
-    """What the server calls. ``predict_batch`` runs on the server's inference worker only;
-    ``validate`` and ``metadata`` on the socket thread, so they must be cheap."""
+    """What the server calls. ``predict_batch`` runs on the server's inference thread only;
+    ``validate`` on whichever thread watches the socket, which may be a helper thread while
+    ``predict_batch`` runs, so it must be cheap and must not touch the model's state."""
 
     def metadata(self) -> dict[str, Any]:
         """model_id, model_hash, horizon, image_size [w, h], max_queries, history_steps,

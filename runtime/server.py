@@ -1,16 +1,16 @@
-"""The trace server: one ROUTER socket, one inference worker, dynamic batching.
+"""The trace server: one ROUTER socket, one inference thread, dynamic batching.
 
-Two threads, one rule: only the socket thread touches the ROUTER (and the PUB) socket,
-and it never calls the model. It decodes and validates requests, answers hello / ping /
-stats at once, and puts each predict into its client's single *pending slot* — a newer
-request from the same client replaces the older one, which is answered ``superseded``.
-The inference worker takes up to ``max_batch`` pending slots (waiting at most
-``batch_window_ms`` for the other active clients), calls ``model.predict_batch``,
-and hands the results back through a deque plus an inproc PAIR wake-up, so the socket
-thread's poll sees them. The socket thread wakes the worker by releasing a plain lock
-(a binary semaphore: the cheapest wake-up CPython has). A slow client never blocks anyone: ROUTER drops what a peer
-does not read once its high-water mark is full. Wire format: runtime/wire.py and
-docs/protocol.md.
+The inference thread also watches the socket while it is idle: it decodes and validates
+requests, answers hello / ping / stats at once, and puts each predict into its client's
+single *pending slot*; a newer request from the same client replaces the older one,
+which is answered ``superseded``. Once a batch is due (every recently active client has
+a request pending, at most ``max_batch``, or ``batch_window_ms`` ran out), it hands the
+watch to a helper thread, runs ``model.predict_batch`` and sends the replies itself. So a
+request reaches the model with no thread hand-off, and the socket is never left unwatched
+while the model runs. ZeroMQ sockets are not thread-safe: every call on the ROUTER holds
+one lock, and the watcher sleeps in an OS poll on the ROUTER's file descriptor, outside
+zmq. A slow client never blocks anyone: ROUTER drops what a peer does not read once its
+high-water mark is full. Wire format: runtime/wire.py and docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
+import select
 import threading
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,15 +105,6 @@ class _Pending:
 
 
 @dataclass
-class _Result:
-    pending: _Pending
-    prediction: dict[str, Any] | None  # None when the batch failed
-    t_start: float
-    t_end: float
-    batch_size: int
-
-
-@dataclass
 class _ClientState:
     tokens: float
     last_seen: float
@@ -120,7 +113,8 @@ class _ClientState:
 
 @dataclass
 class _Stats:
-    """Counters and rolling windows, owned by the socket thread."""
+    """Counters and rolling windows (the watching thread counts requests, the inference
+    thread traces)."""
 
     started: float = field(default_factory=time.monotonic)
     counts: collections.Counter = field(default_factory=collections.Counter)
@@ -177,6 +171,11 @@ class TraceServer:
     ``batch_window_ms`` = 0 with ``max_batch`` = 1 turns batching off. ``rate_limit_hz``
     = 0 turns the per-client limit off. ``pub_port`` (0 = pick one) opens a read-only
     PUB socket where every trace is also published for observers.
+
+    ``inline_below_ms``: once the last 8 batches each took less than this, the inference
+    thread runs the next batch without handing the watch to the helper. Waking the helper
+    costs tens of microseconds of a busy CPU, more than such a model takes, and requests
+    that arrive meanwhile wait at most that long in ZeroMQ's queue. 0 always hands over.
     """
 
     def __init__(
@@ -192,6 +191,7 @@ class TraceServer:
         pub_port: int | None = None,
         max_pending: int = 256,
         send_hwm: int = 64,
+        inline_below_ms: float = 1.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -203,6 +203,8 @@ class TraceServer:
         self.max_message_bytes = max_message_bytes
         self.rate_limit_hz = rate_limit_hz
         self.max_pending = max_pending
+        self.inline_below_s = inline_below_ms / 1e3
+        self._recent_infer_s: collections.deque[float] = collections.deque(maxlen=8)
         self.curve = curve
         if host not in _LOOPBACK and curve is None:
             log_event(
@@ -235,18 +237,26 @@ class TraceServer:
             self.pub_port = self._bind(self._pub, pub_port)
             self.pub_address = f"tcp://{host}:{self.pub_port}"
 
-        wake = f"inproc://mu0-wake-{id(self)}"
-        self._wake_rx = self._ctx.socket(zmq.PAIR)
-        self._wake_rx.bind(wake)
-        self._wake_tx = self._ctx.socket(zmq.PAIR)  # used by the worker thread only
-        self._wake_tx.connect(wake)
+        # Which thread watches the ROUTER: the inference thread while it is idle, so that
+        # a request goes from the socket straight into the model with no hand-off, and the
+        # helper thread while the model runs. Every ZeroMQ call on the ROUTER holds
+        # _sock_lock, and a watcher sleeps in an OS poll on the ROUTER's ZMQ_FD, never
+        # inside zmq, so the inference thread sends its replies itself while the helper
+        # watches. A write to the poke pipe wakes whichever thread is watching.
+        self._sock_lock = threading.Lock()
+        self._router_fd = self._router.get(zmq.FD)
+        self._poke_r, self._poke_w = os.pipe()
+        os.set_blocking(self._poke_r, False)
+        os.set_blocking(self._poke_w, False)
+        self._helper_go = threading.Lock()  # released: the helper takes the watch
+        self._helper_go.acquire()
+        self._helper_off = threading.Lock()  # released: the helper has left the watch
+        self._helper_off.acquire()
+        self._reclaim = False  # the inference thread wants the watch back
 
-        self._lock = threading.Lock()  # guards _pending
+        # Touched only by the thread on watch (and the inference thread between watches).
         self._pending: dict[bytes, _Pending] = {}  # insertion order = FIFO
-        # Released when there may be work for the worker, which acquires it to sleep.
-        self._work = threading.Lock()
-        self._work.acquire()
-        self._results: collections.deque[list[_Result]] = collections.deque()
+        self._batch_deadline: float | None = None
         self._stop = threading.Event()
         self._closed = threading.Event()
         self._clients: dict[bytes, _ClientState] = {}
@@ -254,6 +264,7 @@ class TraceServer:
         # this many, so a lone client never sits out the batch window for nobody.
         self._recent_predictors: dict[bytes, float] = {}
         self._active_predictors = 0
+        self._last_prune = time.monotonic()
         self._stats = _Stats()
         self._threads: list[threading.Thread] = []
 
@@ -276,14 +287,14 @@ class TraceServer:
         return port
 
     def start(self, inference_thread: bool = True) -> TraceServer:
-        """Start the socket thread (and, unless told otherwise, the inference thread) and
+        """Start the helper thread (and, unless told otherwise, the inference thread) and
         return at once."""
         if self._threads:
             return self
-        self._threads = [threading.Thread(target=self._socket_loop, name="mu0-socket", daemon=True)]
+        self._threads = [threading.Thread(target=self._helper_loop, name="mu0-watch", daemon=True)]
         if inference_thread:
             self._threads.append(
-                threading.Thread(target=self._worker_loop, name="mu0-infer", daemon=True)
+                threading.Thread(target=self._inference_loop, name="mu0-infer", daemon=True)
             )
         for t in self._threads:
             t.start()
@@ -301,29 +312,33 @@ class TraceServer:
 
     def serve_forever(self) -> None:
         """Serve until ``shutdown()`` (a signal handler may call it), then clean up."""
-        # Inference runs on the calling (main) thread, the socket loop on its own thread: torch's
-        # OpenMP kernels ran up to 2x slower on a secondary Python thread (tiny μ0 on 2 cores:
-        # 43 ms on the main thread, 68-93 ms on another), which the server would add to every
-        # request. The socket loop still never waits on the model.
+        # Inference runs on the calling (main) thread: torch's OpenMP kernels ran up to 2x
+        # slower on a secondary Python thread (tiny μ0 on 2 cores: 43 ms on the main
+        # thread, 68-93 ms on another), which the server would add to every request. The
+        # helper thread keeps watching the socket while the model runs.
         self.start(inference_thread=False)
-        self._worker_loop()  # returns once shutdown() is called
+        self._inference_loop()  # returns once shutdown() is called
         self.close()
 
     def shutdown(self) -> None:
         """Ask both threads to stop; safe from a signal handler."""
         self._stop.set()
+        self._poke()
 
     def close(self) -> None:
         """Stop, join the threads and release the sockets. Idempotent."""
         if self._closed.is_set():
             return
-        self._stop.set()
-        self._signal_work()
+        self.shutdown()
+        if self._helper_go.locked():
+            self._helper_go.release()  # an idle helper wakes, sees the stop and returns
         for t in self._threads:
             t.join(timeout=5.0)
-        for sock in (self._router, self._pub, self._wake_rx, self._wake_tx):
+        for sock in (self._router, self._pub):
             if sock is not None:
                 sock.close(linger=0)
+        os.close(self._poke_r)
+        os.close(self._poke_w)
         if self._auth is not None:
             self._auth.stop()
         self._ctx.term()
@@ -340,35 +355,59 @@ class TraceServer:
         """Live statistics (the body of a ``stats_ok`` reply)."""
         return self._stats.snapshot(len(self._clients), len(self._pending))
 
-    # ------------------------------------------------------------------ socket thread
+    # ------------------------------------------------------------------ the watch
 
-    def _socket_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_rx, zmq.POLLIN)
-        router, wake_rx = self._router, self._wake_rx
-        last_prune = time.monotonic()
+    def _poller(self) -> select.poll:
+        """An OS poller (one per thread) on the ROUTER's ZMQ_FD and the poke pipe."""
+        poller = select.poll()
+        poller.register(self._router_fd, select.POLLIN)
+        poller.register(self._poke_r, select.POLLIN)
+        return poller
+
+    def _watch(self, poller: select.poll, due: Callable[[], float]) -> None:
+        """Receive and handle requests until ``due()`` (seconds left to watch) is <= 0 or
+        the server stops. Sleeps in ``poller``; ZMQ_FD is edge-triggered, so ZMQ_EVENTS is
+        read (under the lock) before each sleep."""
         while not self._stop.is_set():
-            events = dict(poller.poll(50))
-            if wake_rx in events:  # the worker finished a batch
-                while wake_rx.get(zmq.EVENTS) & zmq.POLLIN:
-                    wake_rx.recv(zmq.NOBLOCK)
-                self._send_results()
-            if router in events:
-                # Bounded drain so results are not starved by a flood of requests.
-                for _ in range(256):
-                    try:
-                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._handle(frames)
-                    if not router.get(zmq.EVENTS) & zmq.POLLIN:
-                        break
+            with self._sock_lock:
+                more = self._drain()
+            wait = due()
+            if wait <= 0:
+                return
             now = time.monotonic()
-            if now - last_prune > 0.25:
+            if now - self._last_prune > 0.25:
                 self._prune_clients(now)
-                last_prune = now
-        self._send_results()  # answer what finished before the stop
+                self._last_prune = now
+            if more:  # a flood: re-check the deadline between bounded drains, do not sleep
+                continue
+            if poller.poll(min(wait, 0.05) * 1e3):
+                try:
+                    os.read(self._poke_r, 4096)
+                except BlockingIOError:
+                    pass
+
+    def _drain(self) -> bool:
+        """Handle what the ROUTER holds, at most 256 messages; True if more are waiting.
+        The caller holds _sock_lock."""
+        router = self._router
+        for _ in range(256):
+            if not router.get(zmq.EVENTS) & zmq.POLLIN:
+                return False
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+            self._handle(frames)
+        return True
+
+    def _poke(self) -> None:
+        """Wake the thread on watch (it re-reads ZMQ_EVENTS and its deadline)."""
+        try:
+            os.write(self._poke_w, b"\0")
+        except (BlockingIOError, OSError):  # full (a wake-up is pending anyway) or closed
+            pass
+
+    # ------------------------------------------------------------------ requests
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         t_recv = time.perf_counter()
@@ -454,12 +493,10 @@ class TraceServer:
         item = _Pending(identity, request_id, obs, t_recv)
         self._recent_predictors[identity] = time.monotonic()
         self._active_predictors = max(self._active_predictors, len(self._recent_predictors))
-        with self._lock:
-            old = self._pending.get(identity)
-            if old is None and len(self._pending) >= self.max_pending:
-                raise WireError(ErrorCode.OVERLOADED, f"{len(self._pending)} clients waiting")
-            self._pending[identity] = item  # replacing keeps the client's place in line
-        self._signal_work()
+        old = self._pending.get(identity)
+        if old is None and len(self._pending) >= self.max_pending:
+            raise WireError(ErrorCode.OVERLOADED, f"{len(self._pending)} clients waiting")
+        self._pending[identity] = item  # replacing keeps the client's place in line
         if old is not None:
             self._stats.counts["superseded"] += 1
             self._send(
@@ -467,39 +504,6 @@ class TraceServer:
                 wire.reply(Kind.SUPERSEDED, old.request_id, {"by": request_id}),
                 old.t_recv,
             )
-
-    def _signal_work(self) -> None:
-        """Wake the worker (a no-op while an earlier wake-up is still unclaimed)."""
-        if self._work.locked():
-            try:
-                self._work.release()
-            except RuntimeError:  # close() released it in between
-                pass
-
-    def _send_results(self) -> None:
-        while self._results:  # only this thread pops
-            batch = self._results.popleft()
-            if batch:
-                self._stats.batch_sizes.append(len(batch))
-                self._stats.infer_ms.append(_ms(batch[0].t_end - batch[0].t_start))
-            for r in batch:
-                p = r.pending
-                if r.prediction is None:
-                    self._send_error(
-                        p.identity, ErrorCode.INTERNAL, "model failed", p.request_id, p.t_recv
-                    )
-                    continue
-                timings = {
-                    "queue_ms": _ms(r.t_start - p.t_recv),
-                    "infer_ms": _ms(r.t_end - r.t_start),
-                    "batch_size": r.batch_size,
-                }
-                header = wire.reply(Kind.TRACE, p.request_id, r.prediction, timings)
-                self._send(p.identity, header, p.t_recv)
-                self._stats.trace_times.append(time.monotonic())
-                if self._pub is not None:
-                    header["client"] = p.identity.hex()
-                    self._pub.send_multipart([b"trace", *wire.encode(header)], copy=False)
 
     def _send_error(
         self, identity: bytes, code: ErrorCode, message: str, request_id: int | None, t_recv: float
@@ -531,55 +535,100 @@ class TraceServer:
         except zmq.ZMQError as exc:  # peer gone mid-send; nothing to do
             log_event(logging.DEBUG, "send_failed", client=identity.hex(), error=exc)
 
-    # ------------------------------------------------------------------ worker thread
+    # ------------------------------------------------------------------ threads
 
-    def _worker_loop(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            t_start = time.perf_counter()
-            try:
-                predictions: list[dict[str, Any]] | list[None] = self.model.predict_batch(
-                    [p.obs for p in batch]
-                )
-                if len(predictions) != len(batch):
-                    raise RuntimeError(f"model returned {len(predictions)} for {len(batch)}")
-            except Exception:
-                log.error("event=model_failed batch=%d\n%s", len(batch), traceback.format_exc())
-                predictions = [None] * len(batch)
-            t_end = time.perf_counter()
-            self._results.append(
-                [
-                    _Result(p, pred, t_start, t_end, len(batch))
-                    for p, pred in zip(batch, predictions)
-                ]
-            )
-            try:
-                self._wake_tx.send(b"", zmq.NOBLOCK)
-            except zmq.Again:  # wake-ups already queued; the socket thread drains all results
-                pass
-
-    def _take_batch(self) -> list[_Pending] | None:
-        """Block for the first pending request, then wait until every recently active client
-        has a request pending (at most max_batch) or the batch window runs out.
-
-        The window starts when the worker is free, not when the oldest request arrived:
-        otherwise clients that arrive during a forward pass split into cohorts that take
-        turns in half-full batches forever, each waiting a whole pass extra."""
-        while not self._pending:
-            if self._stop.is_set():
-                return None
-            self._work.acquire(timeout=0.2)  # a timeout, so a signal's shutdown() is seen
-        deadline = time.perf_counter() + self.batch_window_s
+    def _helper_loop(self) -> None:
+        """Watch the socket whenever the inference thread hands the watch over."""
+        poller = self._poller()
         while not self._stop.is_set():
-            want = min(self.max_batch, max(1, self._active_predictors))
-            if len(self._pending) >= want:
+            if not self._helper_go.acquire(timeout=0.2):
+                continue
+            self._watch(poller, lambda: -1.0 if self._reclaim else 0.05)
+            self._reclaim = False
+            self._helper_off.release()
+
+    def _inference_loop(self) -> None:
+        """Watch the socket until a batch is due, hand the watch to the helper, run the
+        model, send the replies, take the watch back."""
+        poller = self._poller()
+        while not self._stop.is_set():
+            self._watch(poller, self._batch_wait)
+            if self._stop.is_set() or not self._pending:
                 break
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
-            self._work.acquire(timeout=remaining)
-        with self._lock:
-            keys = list(itertools.islice(self._pending, self.max_batch))
-            return [self._pending.pop(k) for k in keys]
+            batch = self._take_batch()
+            recent = self._recent_infer_s
+            if len(recent) == recent.maxlen and max(recent) < self.inline_below_s:
+                self._run_batch(batch, watched=False)
+                continue
+            self._helper_go.release()
+            self._run_batch(batch, watched=True)
+            self._reclaim = True
+            self._poke()
+            while not self._helper_off.acquire(timeout=0.2):
+                if not any(t.name == "mu0-watch" and t.is_alive() for t in self._threads):
+                    return  # no helper to hand back the watch (stopped)
+        # Requests still pending at the stop are dropped: their clients time out.
+
+    def _batch_wait(self) -> float:
+        """Seconds the inference thread may still watch before its next batch is due.
+
+        A batch is due once every recently active client has a request pending (at most
+        max_batch) or the batch window has run out. The window starts when the model is
+        free and a request waits, not when the oldest request arrived: otherwise clients
+        that arrive during a forward pass split into cohorts that take turns in half-full
+        batches forever, each waiting a whole pass extra."""
+        if not self._pending:
+            return 0.05
+        now = time.perf_counter()
+        if self._batch_deadline is None:
+            self._batch_deadline = now + self.batch_window_s
+        if len(self._pending) >= min(self.max_batch, max(1, self._active_predictors)):
+            return 0.0
+        return self._batch_deadline - now
+
+    def _take_batch(self) -> list[_Pending]:
+        self._batch_deadline = None
+        keys = list(itertools.islice(self._pending, self.max_batch))
+        return [self._pending.pop(k) for k in keys]
+
+    def _run_batch(self, batch: list[_Pending], watched: bool) -> None:
+        """Run the model on ``batch`` and send the replies (``watched``: the helper is on
+        watch meanwhile)."""
+        t_start = time.perf_counter()
+        try:
+            predictions: list[dict[str, Any]] | list[None] = self.model.predict_batch(
+                [p.obs for p in batch]
+            )
+            if len(predictions) != len(batch):
+                raise RuntimeError(f"model returned {len(predictions)} for {len(batch)}")
+        except Exception:
+            log.error("event=model_failed batch=%d\n%s", len(batch), traceback.format_exc())
+            predictions = [None] * len(batch)
+        t_end = time.perf_counter()
+        self._recent_infer_s.append(t_end - t_start)
+        self._stats.batch_sizes.append(len(batch))
+        self._stats.infer_ms.append(_ms(t_end - t_start))
+        sent = []
+        with self._sock_lock:
+            for p, prediction in zip(batch, predictions):
+                if prediction is None:
+                    self._send_error(
+                        p.identity, ErrorCode.INTERNAL, "model failed", p.request_id, p.t_recv
+                    )
+                    continue
+                timings = {
+                    "queue_ms": _ms(t_start - p.t_recv),
+                    "infer_ms": _ms(t_end - t_start),
+                    "batch_size": len(batch),
+                }
+                header = wire.reply(Kind.TRACE, p.request_id, prediction, timings)
+                self._send(p.identity, header, p.t_recv)
+                self._stats.trace_times.append(time.monotonic())
+                sent.append((p.identity, header))
+            # Our sends may have taken the edge of ZMQ_FD that the helper sleeps on.
+            if watched and self._router.get(zmq.EVENTS) & zmq.POLLIN:
+                self._poke()
+        if self._pub is not None:
+            for identity, header in sent:
+                header["client"] = identity.hex()
+                self._pub.send_multipart([b"trace", *wire.encode(header)], copy=False)

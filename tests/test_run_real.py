@@ -13,6 +13,7 @@ import pytest
 from calibration.files import CameraCalibration
 from calibration.transforms import make_T, pose_error, rotvec_to_matrix
 from envs.arm import ManualClock, SafeArm, SafetyConfig, SimArm
+from runtime import wire
 from runtime.real import (
     LoopSettings,
     PoseHistory,
@@ -424,7 +425,7 @@ def test_client_from_a_setup_speaks_curve(tmp_path):
             )
 
         with build_client(setup(clients / "robot1.key_secret")) as client:
-            assert client.hello()["protocol_version"] == 1
+            assert client.hello()["protocol_version"] == wire.PROTOCOL_VERSION
         with build_client(setup(strangers / "robot2.key_secret")) as client:
             with pytest.raises(TimeoutError):
                 client.hello()

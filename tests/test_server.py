@@ -105,8 +105,11 @@ def test_frames_beyond_the_transport_limit_are_dropped_without_harm(server) -> N
         good.predict(make_observation())
 
 
-def test_twelve_concurrent_clients_get_their_own_answers() -> None:
-    model = EchoTraceModel(compute_s=0.005)
+# 5 ms per batch: the helper watches the socket while the model runs; 0: the model is
+# fast enough to run inline, with the socket unwatched for the few microseconds it takes.
+@pytest.mark.parametrize("compute_s", [0.005, 0.0])
+def test_twelve_concurrent_clients_get_their_own_answers(compute_s: float) -> None:
+    model = EchoTraceModel(compute_s=compute_s)
     with running_server(model, batch_window_ms=5, max_batch=16) as server:
         failures: list[str] = []
 
@@ -128,6 +131,22 @@ def test_twelve_concurrent_clients_get_their_own_answers() -> None:
         stats = server.stats()
         assert stats["counts"]["predict"] == 12 * 15
         assert stats["batch_size"]["max"] > 1  # requests of different clients shared a forward pass
+
+
+def test_the_socket_is_watched_while_the_model_runs() -> None:
+    with running_server(EchoTraceModel(compute_s=0.4), rate_limit_hz=0) as server:
+        with TraceClient(server.address, timeout_s=3) as busy, TraceClient(server.address) as other:
+            for _ in range(3):  # later batches too, not only the first
+                done = threading.Event()
+                thread = threading.Thread(
+                    target=lambda: (busy.predict(make_observation()), done.set())
+                )
+                thread.start()
+                time.sleep(0.1)  # the model is now running busy's request
+                assert other.ping(timeout_s=0.25) < 0.25
+                assert not done.is_set()  # answered during the forward pass, not after it
+                thread.join()
+                assert done.is_set()
 
 
 def test_newer_request_supersedes_the_pending_one() -> None:
