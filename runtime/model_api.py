@@ -64,7 +64,13 @@ def _require(obs: dict[str, Any], key: str, dtype: str, shape: tuple[int | None,
     if value.dtype != _DTYPES[dtype]:
         raise WireError(ErrorCode.BAD_DTYPE, f"'{key}' must be {dtype}, got {value.dtype}")
     got = value.shape
-    if len(got) != len(shape) or not all(s is None or s == d for s, d in zip(shape, got)):
+    ok = len(got) == len(shape)
+    if ok:
+        for want, size in zip(shape, got):  # a plain loop: this runs on every request
+            if want is not None and want != size:
+                ok = False
+                break
+    if not ok:
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise WireError(ErrorCode.BAD_SHAPE, f"'{key}' must be {dtype}{want}, got {list(got)}")
 
@@ -107,14 +113,18 @@ def uvz_to_xyz_cam(
 ) -> np.ndarray:
     """float32[..., 3] (normalised uv, z m) -> float32[..., 3] OpenCV camera frame, metres
     (into ``out`` when given)."""
-    fx, fy, cx, cy = np.asarray(intrinsics, np.float64).tolist()
+    fx, fy, cx, cy = np.asarray(intrinsics).tolist()
     # u_px = ((u + 1) W - 1) / 2 inverts u = (2 u_px + 1) / W - 1; x = (u_px - cx) z / fx,
     # so x / z = u W / (2 fx) + ((W - 1) / 2 - cx) / fx, and likewise for y.
-    scale = (width / (2 * fx), height / (2 * fy), 0.0)
-    offset = (((width - 1) / 2 - cx) / fx, ((height - 1) / 2 - cy) / fy, 1.0)
-    if out is None:
-        out = np.empty(np.shape(uvz), np.float32)
-    np.add(np.multiply(uvz, scale, dtype=np.float32), offset, out=out, dtype=np.float32)
+    scale, offset = np.array(
+        [
+            [width / (2 * fx), height / (2 * fy), 0.0],
+            [((width - 1) / 2 - cx) / fx, ((height - 1) / 2 - cy) / fy, 1.0],
+        ],
+        np.float32,
+    )
+    out = np.multiply(uvz, scale, out=out, dtype=np.float32)
+    out += offset
     out *= uvz[..., 2:3]
     return out
 

@@ -11,7 +11,6 @@ Nothing here imports zmq, torch or pickle: this module is the contract.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -222,12 +221,15 @@ def _decode_array(spec: dict[str, Any], views: list[memoryview], used: set[int])
     dtype = SUPPORTED_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise WireError(ErrorCode.BAD_DTYPE, f"unsupported dtype {name!r}")
-    if (
-        type(shape) is not list
-        or len(shape) > 32
-        or not all(type(d) is int and d >= 0 for d in shape)
-    ):
+    if type(shape) is not list or len(shape) > 32:
         raise WireError(ErrorCode.BAD_SHAPE, f"shape must be a list of non-negative ints: {shape}")
+    expected = dtype.itemsize
+    for d in shape:  # a plain loop: this runs for every array of every message
+        if type(d) is not int or d < 0:
+            raise WireError(
+                ErrorCode.BAD_SHAPE, f"shape must be a list of non-negative ints: {shape}"
+            )
+        expected *= d
     data = spec.get("data")
     if data is None:
         k = spec["frame"]
@@ -236,18 +238,17 @@ def _decode_array(spec: dict[str, Any], views: list[memoryview], used: set[int])
         if k in used:
             raise WireError(ErrorCode.MALFORMED, f"array frame {k} is referenced twice")
         used.add(k)
-        data, where = views[k], f"frame {k}"
+        data = views[k]
     elif type(data) is not bytes:
         raise WireError(ErrorCode.MALFORMED, "inline array 'data' must be bin")
-    else:
-        where = "inline data"
-    expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
+        where = "inline data" if "data" in spec else f"frame {spec['frame']}"
         raise WireError(
             ErrorCode.BAD_SHAPE, f"{where} has {len(data)} bytes; {name}{shape} needs {expected}"
         )
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    array.flags.writeable = False  # a view over the network buffer: copy before mutating
+    if array.flags.writeable:  # a view over a received frame (inline bytes are read-only)
+        array.flags.writeable = False  # copy before mutating
     return array
 
 
