@@ -6,9 +6,10 @@ single *pending slot*; a newer request from the same client replaces the older o
 which is answered ``superseded``. Once a batch is due (every recently active client has
 a request pending, at most ``max_batch``, or ``batch_window_ms`` ran out), it hands the
 watch to a helper thread, runs ``model.predict_batch`` and sends the replies itself. So a
-request reaches the model with no thread hand-off, and the socket is never left unwatched
-while the model runs. ZeroMQ sockets are not thread-safe: every call on the ROUTER holds
-one lock, and the watcher sleeps in an OS poll on the ROUTER's file descriptor, outside
+request reaches the model with no thread hand-off, and the socket is not left unwatched
+while the model runs (a model whose batches all take under ``inline_below_ms`` runs
+without the helper: waking it would cost more than the wait). ZeroMQ sockets are not thread-safe: every call on the ROUTER holds
+one lock, and the watcher sleeps in select() on the ROUTER's file descriptor, outside
 zmq. A slow client never blocks anyone: ROUTER drops what a peer does not read once its
 high-water mark is full. Wire format: runtime/wire.py and docs/protocol.md.
 """
@@ -240,7 +241,7 @@ class TraceServer:
         # Which thread watches the ROUTER: the inference thread while it is idle, so that
         # a request goes from the socket straight into the model with no hand-off, and the
         # helper thread while the model runs. Every ZeroMQ call on the ROUTER holds
-        # _sock_lock, and a watcher sleeps in an OS poll on the ROUTER's ZMQ_FD, never
+        # _sock_lock, and a watcher sleeps in select() on the ROUTER's ZMQ_FD, never
         # inside zmq, so the inference thread sends its replies itself while the helper
         # watches. A write to the poke pipe wakes whichever thread is watching.
         self._sock_lock = threading.Lock()
@@ -357,17 +358,30 @@ class TraceServer:
 
     # ------------------------------------------------------------------ the watch
 
-    def _poller(self) -> select.poll:
-        """An OS poller (one per thread) on the ROUTER's ZMQ_FD and the poke pipe."""
-        poller = select.poll()
-        poller.register(self._router_fd, select.POLLIN)
-        poller.register(self._poke_r, select.POLLIN)
-        return poller
+    def _sleep(self, timeout_s: float) -> None:
+        """Sleep until the ROUTER's ZMQ_FD or the poke pipe is readable, or ``timeout_s``.
 
-    def _watch(self, poller: select.poll, due: Callable[[], float]) -> None:
+        select() waits with microsecond precision; poll() rounds up to whole milliseconds,
+        which would stretch a 2 ms batch window to 3. select() only takes descriptors below
+        FD_SETSIZE (1024), so a process holding more files falls back to poll()."""
+        fds = (self._router_fd, self._poke_r)
+        if max(fds) < 1024:
+            readable = select.select(fds, (), (), timeout_s)[0]
+        else:
+            poller = select.poll()
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            readable = [fd for fd, _ in poller.poll(timeout_s * 1e3)]
+        if self._poke_r in readable:
+            try:
+                os.read(self._poke_r, 4096)
+            except BlockingIOError:
+                pass
+
+    def _watch(self, due: Callable[[], float]) -> None:
         """Receive and handle requests until ``due()`` (seconds left to watch) is <= 0 or
-        the server stops. Sleeps in ``poller``; ZMQ_FD is edge-triggered, so ZMQ_EVENTS is
-        read (under the lock) before each sleep."""
+        the server stops. ZMQ_FD is edge-triggered, so ZMQ_EVENTS is read (under the lock)
+        before each sleep."""
         while not self._stop.is_set():
             with self._sock_lock:
                 more = self._drain()
@@ -378,13 +392,8 @@ class TraceServer:
             if now - self._last_prune > 0.25:
                 self._prune_clients(now)
                 self._last_prune = now
-            if more:  # a flood: re-check the deadline between bounded drains, do not sleep
-                continue
-            if poller.poll(min(wait, 0.05) * 1e3):
-                try:
-                    os.read(self._poke_r, 4096)
-                except BlockingIOError:
-                    pass
+            if not more:  # after a bounded drain of a flood, re-check the deadline at once
+                self._sleep(min(wait, 0.05))
 
     def _drain(self) -> bool:
         """Handle what the ROUTER holds, at most 256 messages; True if more are waiting.
@@ -539,20 +548,18 @@ class TraceServer:
 
     def _helper_loop(self) -> None:
         """Watch the socket whenever the inference thread hands the watch over."""
-        poller = self._poller()
         while not self._stop.is_set():
             if not self._helper_go.acquire(timeout=0.2):
                 continue
-            self._watch(poller, lambda: -1.0 if self._reclaim else 0.05)
+            self._watch(lambda: -1.0 if self._reclaim else 0.05)
             self._reclaim = False
             self._helper_off.release()
 
     def _inference_loop(self) -> None:
         """Watch the socket until a batch is due, hand the watch to the helper, run the
         model, send the replies, take the watch back."""
-        poller = self._poller()
         while not self._stop.is_set():
-            self._watch(poller, self._batch_wait)
+            self._watch(self._batch_wait)
             if self._stop.is_set() or not self._pending:
                 break
             batch = self._take_batch()
