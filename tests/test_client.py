@@ -77,6 +77,7 @@ def test_client_recovers_after_the_server_is_killed_and_restarted(tmp_path) -> N
 
             proc.send_signal(signal.SIGKILL)  # mid-stream, no goodbye
             proc.wait(timeout=5)
+            proc.stderr.close()
             for _ in range(40):  # keep streaming while it is down
                 client.submit(obs)
                 time.sleep(0.02)
@@ -95,6 +96,7 @@ def test_client_recovers_after_the_server_is_killed_and_restarted(tmp_path) -> N
         finally:
             proc.kill()
             proc.wait()
+            proc.stderr.close()
 
 
 def test_client_imports_neither_torch_nor_mu0_core() -> None:

@@ -304,6 +304,7 @@ def test_sigterm_stops_the_server_cleanly(tmp_path) -> None:
     finally:
         proc.kill()
         proc.wait()
+        proc.stderr.close()
 
 
 def test_benchmark_runs_and_reports_its_keys() -> None:
