@@ -206,16 +206,37 @@ def _many_clients(address: str, clients: int, obs: dict, duration_s: float) -> d
     return row
 
 
-def _transport_vs_websocket(obs: dict, duration_s: float) -> dict[str, Any]:
+def _alternate(
+    calls: tuple[Any, Any], block: int, duration_s: float, pause_s: float = 0.0
+) -> tuple[list[float], list[float]]:
+    """Time ``calls`` (two zero-argument callables) in turn, ``block`` calls of one, then
+    ``block`` of the other, for ``duration_s``, sleeping ``pause_s`` before each call."""
+    times: tuple[list[float], list[float]] = ([], [])
+    t_start = time.monotonic()
+    while time.monotonic() - t_start < duration_s:
+        for call, out in zip(calls, times):
+            for _ in range(block):
+                if pause_s:
+                    time.sleep(pause_s)
+                t0 = time.perf_counter()
+                call()
+                out.append(time.perf_counter() - t0)
+    return times
+
+
+def _transport_vs_websocket(obs: dict, duration_s: float, paced_s: float = 3.0) -> dict[str, Any]:
     """Round trips with a model that does nothing: the ZeroMQ server against an openpi-style
-    websocket server, both up at once and asked in turn, one request each, so that both
-    see the same machine."""
+    websocket server, both up at once, in the same run, three ways:
+
+    - one request each in turn (the headline figures): each server finds the machine as
+      the other left it;
+    - ``stream``: 50 requests to one, then 50 to the other: a client streaming back to back;
+    - ``30hz``: one request each in turn, each after a 1/30 s pause, as a camera-rate
+      client sends them: the CPUs idle between requests and wake up for each."""
     from websockets.sync.client import connect
 
     from runtime.client import TraceClient
 
-    zmq_ms: list[float] = []
-    ws_ms: list[float] = []
     with (
         _server_process("zmq-serve", "--compute-ms", "0") as zmq_port,
         _server_process("ws-serve", "--compute-ms", "0") as ws_port,
@@ -228,21 +249,14 @@ def _transport_vs_websocket(obs: dict, duration_s: float) -> dict[str, Any]:
             ws.send(_ws_pack(obs))
             _ws_unpack(ws.recv())
 
-        for _ in range(20):  # warm-up
-            client.predict(obs)
-            ws_predict()
-        t_start = time.monotonic()
-        while time.monotonic() - t_start < 2 * duration_s:
-            t0 = time.perf_counter()
-            client.predict(obs)
-            t1 = time.perf_counter()
-            ws_predict()
-            t2 = time.perf_counter()
-            zmq_ms.append(t1 - t0)
-            ws_ms.append(t2 - t1)
+        calls = (lambda: client.predict(obs), ws_predict)
+        _alternate(calls, 20, 0.0)  # warm-up: one block each
+        zmq_ms, ws_ms = _alternate(calls, 1, 2 * duration_s)
+        zmq_stream, ws_stream = _alternate(calls, 50, 2 * duration_s)
+        zmq_paced, ws_paced = _alternate(calls, 1, paced_s, pause_s=1 / 30)
     transport = _summary(zmq_ms, sum(zmq_ms))
     websocket = _summary(ws_ms, sum(ws_ms))
-    return {
+    out = {
         "transport_p50_ms": transport["p50_ms"],
         "transport_p99_ms": transport["p99_ms"],
         "transport_throughput_hz": transport["throughput_hz"],
@@ -251,6 +265,17 @@ def _transport_vs_websocket(obs: dict, duration_s: float) -> dict[str, Any]:
         "websocket_throughput_hz": websocket["throughput_hz"],
         "transport_vs_websocket_speedup": round(websocket["p50_ms"] / transport["p50_ms"], 2),
     }
+    for name, (zmq_times, ws_times) in (
+        ("stream", (zmq_stream, ws_stream)),
+        ("30hz", (zmq_paced, ws_paced)),
+    ):
+        z, w = _summary(zmq_times, sum(zmq_times)), _summary(ws_times, sum(ws_times))
+        out[f"transport_{name}_p50_ms"] = z["p50_ms"]
+        out[f"transport_{name}_p99_ms"] = z["p99_ms"]
+        out[f"websocket_{name}_p50_ms"] = w["p50_ms"]
+        out[f"websocket_{name}_p99_ms"] = w["p99_ms"]
+        out[f"transport_vs_websocket_{name}_speedup"] = round(w["p50_ms"] / z["p50_ms"], 2)
+    return out
 
 
 def run_server_bench(
@@ -261,16 +286,18 @@ def run_server_bench(
     max_batch: int = 16,
     model_factory: str | None = None,
     include_transport: bool = True,
+    paced_s: float = 3.0,
 ) -> dict[str, Any]:
-    """Measure transport latency (ZeroMQ vs websocket, no compute) and the batching table
-    (clients x batching on/off, ``compute_ms`` per forward pass or ``model_factory``)."""
+    """Measure transport latency (ZeroMQ vs websocket, no compute; ``paced_s`` seconds at
+    30 Hz) and the batching table (clients x batching on/off, ``compute_ms`` per forward
+    pass or ``model_factory``)."""
     obs = make_observation(num_queries=16, image_size=(224, 224), depth=True)
     out: dict[str, Any] = {
         "payload_bytes": sum(v.nbytes for v in obs.values() if isinstance(v, np.ndarray))
     }
 
     if include_transport:
-        out.update(_transport_vs_websocket(obs, duration_s))
+        out.update(_transport_vs_websocket(obs, duration_s, paced_s))
 
     factory = ["--factory", model_factory] if model_factory else []
     table = []

@@ -310,12 +310,16 @@ def test_sigterm_stops_the_server_cleanly(tmp_path) -> None:
 def test_benchmark_runs_and_reports_its_keys() -> None:
     from runtime.bench_server import run_server_bench
 
-    result = run_server_bench(duration_s=0.2, client_counts=(2,))
+    result = run_server_bench(duration_s=0.2, client_counts=(2,), paced_s=0.3)
     for key in (
         "transport_p50_ms",
         "transport_p99_ms",
         "websocket_p50_ms",
         "transport_vs_websocket_speedup",
+        "transport_stream_p50_ms",
+        "websocket_stream_p50_ms",
+        "transport_30hz_p50_ms",
+        "websocket_30hz_p99_ms",
     ):
         assert result[key] > 0
     assert {(row["clients"], row["batching"]) for row in result["table"]} == {(2, False), (2, True)}

@@ -139,10 +139,17 @@ def run_server(args: argparse.Namespace) -> int:
         ),
         "torch_threads": torch.get_num_threads(),
     }
-    print(
-        f"transport p50 {result['transport_p50_ms']:.3f} ms (p99 {result['transport_p99_ms']:.3f}); "
-        f"websocket p50 {result['websocket_p50_ms']:.3f} ms -> {result['transport_vs_websocket_speedup']:.2f}x"
-    )
+    for name, label in (
+        ("", "one each in turn"),
+        ("_stream", "50 each in turn"),
+        ("_30hz", "at 30 Hz"),
+    ):
+        print(
+            f"transport p50 {result[f'transport{name}_p50_ms']:.3f} ms "
+            f"(p99 {result[f'transport{name}_p99_ms']:.3f}); websocket p50 "
+            f"{result[f'websocket{name}_p50_ms']:.3f} ms -> "
+            f"{result[f'transport_vs_websocket{name}_speedup']:.2f}x  ({label})"
+        )
     print(
         f"tiny μ0: end-to-end p50 {result['mu0_e2e_p50_ms']:.2f} ms, sample() p50 "
         f"{result['mu0_sample_p50_ms']:.2f} ms -> server adds {result['server_overhead_p50_ms']:.2f} ms "
