@@ -86,6 +86,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-message-mb", type=float, default=wire.DEFAULT_MAX_MESSAGE_BYTES / 2**20)
     p.add_argument(
+        "--inline-below-ms",
+        type=float,
+        default=1.0,
+        help="run batches of a model this fast without a helper watching the socket (0 = never)",
+    )
+    p.add_argument(
         "--rate-limit-hz", type=float, default=200.0, help="per-client requests/s (0 = off)"
     )
     p.add_argument(
@@ -179,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         rate_limit_hz=args.rate_limit_hz,
         curve=curve,
         pub_port=args.pub_port,
+        inline_below_ms=args.inline_below_ms,
     )
 
     def stop(signum: int, _frame: object) -> None:

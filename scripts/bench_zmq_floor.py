@@ -2,7 +2,8 @@
 352,784-byte payload (a 224x224 RGB-D observation) to a server in another process that
 (a) echoes from its ROUTER socket thread (msgpack header, numpy view of the buffer, nothing
 else), and (b) hands each request to a worker thread and sends the reply back through an
-inproc socket, as `runtime.server` does. Prints p50/p99 per mode, twice each.
+inproc socket, as `runtime.server` did before it let its inference thread watch the socket
+(what that change saves). Prints p50/p99 per mode, twice each.
 
     .venv/bin/python scripts/bench_zmq_floor.py
 """
