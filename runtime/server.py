@@ -129,7 +129,7 @@ class _Stats:
         now = time.monotonic()
         uptime = now - self.started
         window = min(5.0, max(uptime, 1e-3))
-        recent = sum(1 for t in self.trace_times if now - t <= window)
+        recent = sum(1 for t in list(self.trace_times) if now - t <= window)  # a snapshot
         sizes = list(self.batch_sizes)
         return {
             "uptime_s": round(uptime, 3),
