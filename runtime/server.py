@@ -5,13 +5,15 @@ requests, answers hello / ping / stats at once, and puts each predict into its c
 single *pending slot*; a newer request from the same client replaces the older one,
 which is answered ``superseded``. Once a batch is due (every recently active client has
 a request pending, at most ``max_batch``, or ``batch_window_ms`` ran out), it hands the
-watch to a helper thread, runs ``model.predict_batch`` and sends the replies itself. So a
-request reaches the model with no thread hand-off, and the socket is not left unwatched
-while the model runs (a model whose batches all take under ``inline_below_ms`` runs
-without the helper: waking it would cost more than the wait). ZeroMQ sockets are not thread-safe: every call on the ROUTER holds
-one lock, and the watcher sleeps in select() on the ROUTER's file descriptor, outside
-zmq. A slow client never blocks anyone: ROUTER drops what a peer does not read once its
-high-water mark is full. Wire format: runtime/wire.py and docs/protocol.md.
+watch to a helper thread, runs ``model.predict_batch``, takes the watch back and sends
+the replies. So a request reaches the model with no thread hand-off, and the socket is
+watched while the model runs; a model whose batches all take under ``inline_below_ms``
+runs without the helper, since waking it would cost more than the wait.
+
+ZeroMQ sockets are not thread-safe: only the thread on watch touches the ROUTER, under
+one lock, and it sleeps in select() on the ROUTER's file descriptor, outside zmq. A slow
+client never blocks anyone: ROUTER drops what a peer does not read once its high-water
+mark is full. Wire format: runtime/wire.py and docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -240,10 +242,10 @@ class TraceServer:
 
         # Which thread watches the ROUTER: the inference thread while it is idle, so that
         # a request goes from the socket straight into the model with no hand-off, and the
-        # helper thread while the model runs. Every ZeroMQ call on the ROUTER holds
-        # _sock_lock, and a watcher sleeps in select() on the ROUTER's ZMQ_FD, never
-        # inside zmq, so the inference thread sends its replies itself while the helper
-        # watches. A write to the poke pipe wakes whichever thread is watching.
+        # helper thread while the model runs. Only the thread on watch calls ZeroMQ on the
+        # ROUTER, under _sock_lock (the hand-over of the watch is the fence zmq asks for);
+        # it sleeps in select() on the ROUTER's ZMQ_FD, never inside zmq. A write to the
+        # poke pipe wakes whichever thread is watching.
         self._sock_lock = threading.Lock()
         self._router_fd = self._router.get(zmq.FD)
         self._poke_r, self._poke_w = os.pipe()
@@ -384,7 +386,7 @@ class TraceServer:
         before each sleep."""
         while not self._stop.is_set():
             with self._sock_lock:
-                more = self._drain()
+                more = self._drain(due)
             wait = due()
             if wait <= 0:
                 return
@@ -395,8 +397,11 @@ class TraceServer:
             if not more:  # after a bounded drain of a flood, re-check the deadline at once
                 self._sleep(min(wait, 0.05))
 
-    def _drain(self) -> bool:
-        """Handle what the ROUTER holds, at most 256 messages; True if more are waiting.
+    def _drain(self, due: Callable[[], float]) -> bool:
+        """Handle what the ROUTER holds until it is empty (False), or the watch is due to
+        end or 256 messages were handled (True). Checking ``due`` after every message keeps
+        a flood of requests from delaying a batch, or the hand-back of the watch; whoever
+        watches next drains first, so nothing waits for an edge of ZMQ_FD that was taken.
         The caller holds _sock_lock."""
         router = self._router
         for _ in range(256):
@@ -407,6 +412,8 @@ class TraceServer:
             except zmq.Again:
                 return False
             self._handle(frames)
+            if due() <= 0:
+                return True
         return True
 
     def _poke(self) -> None:
@@ -556,24 +563,29 @@ class TraceServer:
             self._helper_off.release()
 
     def _inference_loop(self) -> None:
-        """Watch the socket until a batch is due, hand the watch to the helper, run the
-        model, send the replies, take the watch back."""
+        """Watch the socket until a batch is due; hand the watch to the helper, run the
+        model and take the watch back; then send the replies. Only the thread on watch ever
+        touches the ROUTER, so the two threads never contend for it (a helper draining a
+        flood of requests would otherwise starve the replies)."""
         while not self._stop.is_set():
             self._watch(self._batch_wait)
             if self._stop.is_set() or not self._pending:
                 break
             batch = self._take_batch()
             recent = self._recent_infer_s
-            if len(recent) == recent.maxlen and max(recent) < self.inline_below_s:
-                self._run_batch(batch, watched=False)
-                continue
-            self._helper_go.release()
-            self._run_batch(batch, watched=True)
-            self._reclaim = True
-            self._poke()
-            while not self._helper_off.acquire(timeout=0.2):
-                if not any(t.name == "mu0-watch" and t.is_alive() for t in self._threads):
-                    return  # no helper to hand back the watch (stopped)
+            handover = len(recent) < recent.maxlen or max(recent) >= self.inline_below_s
+            if handover:
+                self._helper_go.release()
+            t_start = time.perf_counter()
+            predictions = self._predict(batch)
+            t_end = time.perf_counter()
+            if handover:
+                self._reclaim = True
+                self._poke()
+                while not self._helper_off.acquire(timeout=0.2):
+                    if not any(t.name == "mu0-watch" and t.is_alive() for t in self._threads):
+                        return  # no helper to hand back the watch (stopped)
+            self._send_traces(batch, predictions, t_start, t_end)
         # Requests still pending at the stop are dropped: their clients time out.
 
     def _batch_wait(self) -> float:
@@ -598,9 +610,8 @@ class TraceServer:
         keys = list(itertools.islice(self._pending, self.max_batch))
         return [self._pending.pop(k) for k in keys]
 
-    def _run_batch(self, batch: list[_Pending], watched: bool) -> None:
-        """Run the model on ``batch`` and send the replies (``watched``: the helper is on
-        watch meanwhile)."""
+    def _predict(self, batch: list[_Pending]) -> list[dict[str, Any]] | list[None]:
+        """The model's predictions for ``batch``; all None if it failed."""
         t_start = time.perf_counter()
         try:
             predictions: list[dict[str, Any]] | list[None] = self.model.predict_batch(
@@ -611,10 +622,20 @@ class TraceServer:
         except Exception:
             log.error("event=model_failed batch=%d\n%s", len(batch), traceback.format_exc())
             predictions = [None] * len(batch)
-        t_end = time.perf_counter()
-        self._recent_infer_s.append(t_end - t_start)
+        elapsed = time.perf_counter() - t_start
+        self._recent_infer_s.append(elapsed)
         self._stats.batch_sizes.append(len(batch))
-        self._stats.infer_ms.append(_ms(t_end - t_start))
+        self._stats.infer_ms.append(_ms(elapsed))
+        return predictions
+
+    def _send_traces(
+        self,
+        batch: list[_Pending],
+        predictions: list[dict[str, Any]] | list[None],
+        t_start: float,
+        t_end: float,
+    ) -> None:
+        """Reply to every request of a batch (the caller is on watch) and publish."""
         sent = []
         with self._sock_lock:
             for p, prediction in zip(batch, predictions):
@@ -632,9 +653,6 @@ class TraceServer:
                 self._send(p.identity, header, p.t_recv)
                 self._stats.trace_times.append(time.monotonic())
                 sent.append((p.identity, header))
-            # Our sends may have taken the edge of ZMQ_FD that the helper sleeps on.
-            if watched and self._router.get(zmq.EVENTS) & zmq.POLLIN:
-                self._poke()
         if self._pub is not None:
             for identity, header in sent:
                 header["client"] = identity.hex()
