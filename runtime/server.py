@@ -41,8 +41,8 @@ from runtime.wire import ErrorCode, Kind, WireError
 log = logging.getLogger("mu0.server")
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-_CLIENT_IDLE_S = 60.0
-_TRACE = Kind.TRACE.value  # forget per-client state (rate bucket) after this long unheard
+_CLIENT_IDLE_S = 60.0  # forget per-client state (rate bucket) after this long unheard
+_TRACE = Kind.TRACE.value
 
 
 def log_event(level: int, event: str, **fields: Any) -> None:
@@ -270,6 +270,7 @@ class TraceServer:
         self._last_prune = time.monotonic()
         self._stats = _Stats()
         self._threads: list[threading.Thread] = []
+        self._helper: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -294,7 +295,8 @@ class TraceServer:
         return at once."""
         if self._threads:
             return self
-        self._threads = [threading.Thread(target=self._helper_loop, name="mu0-watch", daemon=True)]
+        self._helper = threading.Thread(target=self._helper_loop, name="mu0-watch", daemon=True)
+        self._threads = [self._helper]
         if inference_thread:
             self._threads.append(
                 threading.Thread(target=self._inference_loop, name="mu0-infer", daemon=True)
@@ -579,12 +581,15 @@ class TraceServer:
             t_start = time.perf_counter()
             predictions = self._predict(batch)
             t_end = time.perf_counter()
+            self._recent_infer_s.append(t_end - t_start)
+            self._stats.batch_sizes.append(len(batch))
+            self._stats.infer_ms.append(_ms(t_end - t_start))
             if handover:
                 self._reclaim = True
                 self._poke()
                 while not self._helper_off.acquire(timeout=0.2):
-                    if not any(t.name == "mu0-watch" and t.is_alive() for t in self._threads):
-                        return  # no helper to hand back the watch (stopped)
+                    if self._helper is None or not self._helper.is_alive():
+                        break  # stopped: nobody else is on watch
             self._send_traces(batch, predictions, t_start, t_end)
         # Requests still pending at the stop are dropped: their clients time out.
 
@@ -612,7 +617,6 @@ class TraceServer:
 
     def _predict(self, batch: list[_Pending]) -> list[dict[str, Any]] | list[None]:
         """The model's predictions for ``batch``; all None if it failed."""
-        t_start = time.perf_counter()
         try:
             predictions: list[dict[str, Any]] | list[None] = self.model.predict_batch(
                 [p.obs for p in batch]
@@ -622,10 +626,6 @@ class TraceServer:
         except Exception:
             log.error("event=model_failed batch=%d\n%s", len(batch), traceback.format_exc())
             predictions = [None] * len(batch)
-        elapsed = time.perf_counter() - t_start
-        self._recent_infer_s.append(elapsed)
-        self._stats.batch_sizes.append(len(batch))
-        self._stats.infer_ms.append(_ms(elapsed))
         return predictions
 
     def _send_traces(

@@ -126,7 +126,7 @@ def encode(header: dict[str, Any]) -> list[bytes | memoryview]:
         packed = msgpack.packb(header, use_bin_type=True, default=default)
     except WireError:
         raise
-    except (TypeError, ValueError) as exc:  # non-str keys, too deep, out-of-range ints
+    except (TypeError, ValueError) as exc:  # nested too deep, ints out of range
         raise WireError(ErrorCode.MALFORMED, f"cannot encode the header ({exc})") from None
     return [packed, *buffers]
 
