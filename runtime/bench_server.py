@@ -254,27 +254,19 @@ def _transport_vs_websocket(obs: dict, duration_s: float, paced_s: float = 3.0) 
         zmq_ms, ws_ms = _alternate(calls, 1, 2 * duration_s)
         zmq_stream, ws_stream = _alternate(calls, 50, 2 * duration_s)
         zmq_paced, ws_paced = _alternate(calls, 1, paced_s, pause_s=1 / 30)
-    transport = _summary(zmq_ms, sum(zmq_ms))
-    websocket = _summary(ws_ms, sum(ws_ms))
-    out = {
-        "transport_p50_ms": transport["p50_ms"],
-        "transport_p99_ms": transport["p99_ms"],
-        "transport_throughput_hz": transport["throughput_hz"],
-        "websocket_p50_ms": websocket["p50_ms"],
-        "websocket_p99_ms": websocket["p99_ms"],
-        "websocket_throughput_hz": websocket["throughput_hz"],
-        "transport_vs_websocket_speedup": round(websocket["p50_ms"] / transport["p50_ms"], 2),
-    }
+    out: dict[str, Any] = {}
     for name, (zmq_times, ws_times) in (
-        ("stream", (zmq_stream, ws_stream)),
-        ("30hz", (zmq_paced, ws_paced)),
+        ("", (zmq_ms, ws_ms)),
+        ("_stream", (zmq_stream, ws_stream)),
+        ("_30hz", (zmq_paced, ws_paced)),
     ):
-        z, w = _summary(zmq_times, sum(zmq_times)), _summary(ws_times, sum(ws_times))
-        out[f"transport_{name}_p50_ms"] = z["p50_ms"]
-        out[f"transport_{name}_p99_ms"] = z["p99_ms"]
-        out[f"websocket_{name}_p50_ms"] = w["p50_ms"]
-        out[f"websocket_{name}_p99_ms"] = w["p99_ms"]
-        out[f"transport_vs_websocket_{name}_speedup"] = round(w["p50_ms"] / z["p50_ms"], 2)
+        for server, times in (("transport", zmq_times), ("websocket", ws_times)):
+            row = _summary(times, sum(times))
+            for key in ("p50_ms", "p99_ms", "throughput_hz"):
+                out[f"{server}{name}_{key}"] = row[key]
+        out[f"transport_vs_websocket{name}_speedup"] = round(
+            out[f"websocket{name}_p50_ms"] / out[f"transport{name}_p50_ms"], 2
+        )
     return out
 
 

@@ -206,8 +206,7 @@ class TraceServer:
         self.max_message_bytes = max_message_bytes
         self.rate_limit_hz = rate_limit_hz
         self.max_pending = max_pending
-        self.inline_below_s = inline_below_ms / 1e3
-        self._recent_infer_s: collections.deque[float] = collections.deque(maxlen=8)
+        self.inline_below_ms = inline_below_ms
         self.curve = curve
         if host not in _LOOPBACK and curve is None:
             log_event(
@@ -574,14 +573,13 @@ class TraceServer:
             if self._stop.is_set() or not self._pending:
                 break
             batch = self._take_batch()
-            recent = self._recent_infer_s
-            handover = len(recent) < recent.maxlen or max(recent) >= self.inline_below_s
+            recent = list(itertools.islice(reversed(self._stats.infer_ms), 8))
+            handover = len(recent) < 8 or max(recent) >= self.inline_below_ms
             if handover:
                 self._helper_go.release()
             t_start = time.perf_counter()
             predictions = self._predict(batch)
             t_end = time.perf_counter()
-            self._recent_infer_s.append(t_end - t_start)
             self._stats.batch_sizes.append(len(batch))
             self._stats.infer_ms.append(_ms(t_end - t_start))
             if handover:

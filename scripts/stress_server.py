@@ -34,21 +34,20 @@ sys.path.insert(0, str(REPO))
 
 from runtime.client import ServerError, TraceClient  # noqa: E402
 from runtime.model_api import EchoTraceModel, make_observation  # noqa: E402
-from tests.runtime_helpers import RawDealer  # noqa: E402
+from tests.runtime_helpers import RawDealer, running_server  # noqa: E402
 
 
 @contextlib.contextmanager
 def serve(args: argparse.Namespace) -> Iterator[str]:
     """The server's address, in this process or in a child process."""
     if not args.process:
-        from runtime.server import TraceServer
-
         logging.getLogger("mu0.server").setLevel(logging.ERROR)  # one line per garbage frame
-
         model = EchoTraceModel(compute_s=args.compute_ms / 1e3)
-        with TraceServer(model, rate_limit_hz=0, max_batch=args.max_batch) as server:
+        with running_server(model, rate_limit_hz=0, max_batch=args.max_batch) as server:
             yield server.address
         return
+    # Not tests.runtime_helpers.spawn_server: it keeps the server's stderr in a pipe that
+    # nobody reads, and the garbage sender makes the server log a line per frame.
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port.json"
         cmd = [sys.executable, "-m", "runtime.serve", "--trivial", "--port", "0"]
