@@ -40,7 +40,11 @@ def predict_constant_velocity(batch: TraceBatch, horizon: int) -> torch.Tensor:
 
 class Predictor:
     """A named way to forecast [B, N, H, 3] absolute uvz from a batch with frozen features.
-    ``noise_scale`` (flow models) overrides the checkpoint's sampler temperature."""
+    ``noise_scale`` (flow models) overrides the checkpoint's sampler temperature.
+
+    kind "labels" forecasts the extracted labels themselves (a lost track held where it was
+    last seen): scored against the simulator's truth, the best a model that learns those
+    labels perfectly could do."""
 
     def __init__(
         self, name: str, model=None, kind: str = "model", noise_scale: float | None = None
@@ -54,6 +58,8 @@ class Predictor:
             return predict_static(batch, H)
         if self.kind == "constant_velocity":
             return predict_constant_velocity(batch, H)
+        if self.kind == "labels":
+            return hold_last_valid(batch.future_uvz, batch.future_valid)
         g = torch.Generator(device=batch.hist_uvz.device).manual_seed(seed)
         out = self.model.sample_batch(
             batch.frozen,
@@ -68,25 +74,44 @@ class Predictor:
         return out["traces_uvz"].float()
 
 
+def hold_last_valid(traces: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """traces [B, N, H, 3], valid bool[B, N, H] (a valid prefix) -> every step after the
+    last valid one holds the last valid position (step 0 is always taken as valid)."""
+    valid = valid.bool().clone()
+    valid[..., 0] = True
+    steps = torch.arange(traces.shape[2], device=traces.device)
+    last = torch.where(valid, steps, torch.zeros_like(steps)).cummax(-1).values  # [B, N, H]
+    return torch.gather(traces, 2, last[..., None].expand_as(traces))
+
+
 # A point "moves" when its true position gets this far from where it is now within the horizon.
 MOVING_THRESHOLD_M = 0.02
 
 
-def moving_points(batch: TraceBatch, threshold_m: float = MOVING_THRESHOLD_M) -> torch.Tensor:
-    """bool [B, N]: real points whose true future leaves a ``threshold_m`` ball around their
-    current position (camera frame) at some valid step. Most points of a tabletop scene
-    never move, which flatters a model that predicts stillness; these are the others."""
-    xyz = uvz_to_xyz(batch.future_uvz, batch.intrinsics, batch.image_size)  # [B, N, H, 3]
+def moving_points(
+    batch: TraceBatch,
+    threshold_m: float = MOVING_THRESHOLD_M,
+    future_uvz: torch.Tensor | None = None,
+    future_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """bool [B, N]: real points whose future (the batch's labels unless ``future_uvz`` and
+    ``future_valid`` are given, e.g. the simulator's truth) leaves a ``threshold_m`` ball
+    around their current position (camera frame) at some valid step. Most points of a
+    tabletop scene never move, which flatters a model that predicts stillness; these are
+    the others."""
+    future_uvz = batch.future_uvz if future_uvz is None else future_uvz
+    future_valid = batch.future_valid if future_valid is None else future_valid
+    xyz = uvz_to_xyz(future_uvz, batch.intrinsics, batch.image_size)  # [B, N, H, 3]
     cur = uvz_to_xyz(batch.hist_uvz[:, :, -1:], batch.intrinsics, batch.image_size)
-    dist = (xyz - cur).norm(dim=-1).masked_fill(~batch.future_valid.bool(), 0.0)
+    dist = (xyz - cur).norm(dim=-1).masked_fill(~future_valid.bool(), 0.0)
     return (
         batch.point_mask.bool() & batch.hist_valid[:, :, -1].bool() & (dist.amax(-1) > threshold_m)
     )
 
 
-def _shape_metrics(pred: torch.Tensor, batch: TraceBatch) -> dict[str, float]:
+def _shape_metrics(pred, target, valid, batch: TraceBatch) -> dict[str, float]:
     """DTW (summed distance along the path), discrete Fréchet (3D, m) and smoothness."""
-    args = (pred, batch.future_uvz, batch.future_valid, batch.intrinsics, batch.image_size)
+    args = (pred, target, valid, batch.intrinsics, batch.image_size)
     xyz = uvz_to_xyz(pred, batch.intrinsics, batch.image_size)
     return {
         "dtw3d_m": mean_dtw_3d(*args, point_mask=batch.point_mask),
@@ -95,56 +120,112 @@ def _shape_metrics(pred: torch.Tensor, batch: TraceBatch) -> dict[str, float]:
     }
 
 
+class Tally:
+    """Weighted sums of metrics per model, so results of several datasets (the pairs of a
+    split) combine into the same means as one pass over all their batches."""
+
+    def __init__(self):
+        self.sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.weights: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+    def add(self, name: str, key: str, value: float, weight: float) -> None:
+        if np.isfinite(value) and weight > 0:
+            self.sums[name][key] += value * weight
+            self.weights[name][key] += weight
+
+    def merge(self, other: Tally) -> Tally:
+        for name in other.sums:
+            for key, v in other.sums[name].items():
+                self.sums[name][key] += v
+                self.weights[name][key] += other.weights[name][key]
+        return self
+
+    def means(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {k: v / self.weights[name][k] for k, v in sums.items()}
+            for name, sums in self.sums.items()
+        }
+
+
+def _add_scores(
+    tally: Tally,
+    name: str,
+    pred: torch.Tensor,
+    batch: TraceBatch,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    prefix: str,
+) -> None:
+    """Score ``pred`` against one target (truth or labels) over all points and over the
+    points that move in that target; keys get ``prefix`` ("" or "label_")."""
+    n_pts = float((valid.any(-1) & batch.point_mask).sum())
+    moving = moving_points(batch, future_uvz=target, future_valid=valid)
+    tally.add(name, prefix + "moving_share", float(moving.sum()) / max(n_pts, 1.0), n_pts)
+    for key, v in _shape_metrics(pred, target, valid, batch).items():
+        tally.add(name, prefix + key, v, n_pts)
+    for sub, mask in (("", batch.point_mask), ("moving_", moving)):
+        if sub and not bool(mask.any()):
+            continue
+        per = trace_metrics(
+            pred, target, valid, batch.intrinsics, batch.image_size, HORIZONS, point_mask=mask
+        )
+        for key, v in per.items():
+            if key.startswith("num_points"):
+                continue
+            w = per.get(f"num_points_h{key.rsplit('_h', 1)[-1]}", n_pts) if "_h" in key else n_pts
+            tally.add(name, prefix + sub + key, v, float(w))
+
+
+def evaluate_tally(
+    predictors: list[Predictor],
+    make_batches,
+    num_samples_k: int = 0,
+    seed: int = 0,
+) -> Tally:
+    """Score every predictor on the same batches. Unprefixed keys are scored against the
+    simulator's truth where the batches carry it (``gt_future_uvz``) and against the
+    extracted labels otherwise; ``label_*`` keys are always against the labels. "moving_*"
+    keys count only the points that move in the target they are scored against."""
+    tally = Tally()
+    for k, batch in enumerate(tqdm(make_batches(), desc="eval", leave=False)):
+        has_truth = batch.gt_future_uvz is not None
+        truth = (batch.gt_future_uvz, batch.gt_future_valid) if has_truth else None
+        labels = (batch.future_uvz, batch.future_valid)
+        for p in predictors:
+            if p.kind == "labels" and not has_truth:
+                continue  # labels scored against themselves say nothing
+            pred = p(batch, seed + k)
+            _add_scores(tally, p.name, pred, batch, *(truth or labels), prefix="")
+            if p.kind != "labels":
+                _add_scores(tally, p.name, pred, batch, *labels, prefix="label_")
+            if num_samples_k > 1 and p.kind == "model" and p.model.objective == "flow":
+                preds = torch.stack(
+                    [p(batch, seed + 1000 * (j + 1) + k) for j in range(num_samples_k)]
+                )
+                target, valid = truth or labels
+                n_pts = float((valid.any(-1) & batch.point_mask).sum())
+                value = min_ade_k(
+                    preds,
+                    target,
+                    valid,
+                    batch.intrinsics,
+                    batch.image_size,
+                    point_mask=batch.point_mask,
+                )
+                tally.add(p.name, f"min_ade3d_m_k{num_samples_k}", value, n_pts)
+            tally.add(p.name, "scored_against_truth", float(has_truth), 1.0)
+    return tally
+
+
 def evaluate(
     predictors: list[Predictor],
     make_batches,
     num_samples_k: int = 0,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Average every metric over all batches, weighted by the number of valid points."""
-    sums: dict[str, dict[str, float]] = {p.name: defaultdict(float) for p in predictors}
-    weights: dict[str, dict[str, float]] = {p.name: defaultdict(float) for p in predictors}
-    for k, batch in enumerate(tqdm(make_batches(), desc="eval", leave=False)):
-        n_pts = float((batch.future_valid.any(-1) & batch.point_mask).sum())
-        moving = moving_points(batch)
-        for p in predictors:
-            pred = p(batch, seed + k)
-            m = _shape_metrics(pred, batch)
-            m["moving_share"] = float(moving.sum()) / max(n_pts, 1.0)
-            # Over all points, then over the moving ones alone (keys prefixed "moving_").
-            for prefix, mask in (("", batch.point_mask), ("moving_", moving)):
-                if prefix and not bool(mask.any()):
-                    continue
-                args = (batch.future_uvz, batch.future_valid, batch.intrinsics, batch.image_size)
-                per = trace_metrics(pred, *args, horizons=HORIZONS, point_mask=mask)
-                m.update({prefix + key: v for key, v in per.items()})
-            if num_samples_k > 1 and p.kind == "model" and p.model.objective == "flow":
-                preds = torch.stack(
-                    [p(batch, seed + 1000 * (j + 1) + k) for j in range(num_samples_k)]
-                )
-                m[f"min_ade3d_m_k{num_samples_k}"] = min_ade_k(
-                    preds,
-                    batch.future_uvz,
-                    batch.future_valid,
-                    batch.intrinsics,
-                    batch.image_size,
-                    point_mask=batch.point_mask,
-                )
-            for key, v in m.items():
-                if "num_points" in key or not np.isfinite(v):
-                    continue
-                prefix = "moving_" if key.startswith("moving_") else ""
-                w = (
-                    float(m.get(f"{prefix}num_points_h{key.rsplit('_h', 1)[-1]}", n_pts))
-                    if "_h" in key
-                    else n_pts
-                )
-                sums[p.name][key] += v * w
-                weights[p.name][key] += w
-    return {
-        name: {k: sums[name][k] / weights[name][k] for k in sums[name] if weights[name][k] > 0}
-        for name in sums
-    }
+    """``evaluate_tally``'s means: every metric averaged over all batches, weighted by the
+    number of valid points."""
+    return evaluate_tally(predictors, make_batches, num_samples_k, seed).means()
 
 
 TABLE_COLUMNS = [
@@ -157,6 +238,7 @@ TABLE_COLUMNS = [
     ("moving_share", "moving pts %", 100.0),
     ("moving_ade3d_m_h32", "moving ADE3D@32 mm", 1e3),
     ("moving_fde3d_m_h32", "moving FDE3D@32 mm", 1e3),
+    ("label_moving_ade3d_m_h32", "vs labels: moving ADE3D@32 mm", 1e3),
     ("dtw3d_m", "DTW mm", 1e3),
     ("frechet3d_m", "Fréchet mm", 1e3),
 ]
@@ -191,12 +273,17 @@ def draw_examples(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     preds = {p.name: p(batch, seed) for p in predictors}
+    # The simulator's truth where the data has it, else the extracted labels.
+    if batch.gt_future_uvz is not None:
+        truth, truth_valid = batch.gt_future_uvz, batch.gt_future_valid
+    else:
+        truth, truth_valid = batch.future_uvz, batch.future_valid
     paths = []
     for b, item in enumerate(batch_items):
         W, H = int(batch.image_size[b, 0]), int(batch.image_size[b, 1])
-        mask = (batch.point_mask[b] & batch.future_valid[b].any(-1)).numpy()
+        mask = (batch.point_mask[b] & truth_valid[b].any(-1)).numpy()
         fig = plt.figure(figsize=(4 * (len(preds) + 1), 4.2), dpi=100)
-        gt_px = uv_to_pixels(batch.future_uvz[b, mask, :, :2].numpy(), W, H)
+        gt_px = uv_to_pixels(truth[b, mask, :, :2].numpy(), W, H)
         for j, (name, pred) in enumerate(preds.items()):
             ax = fig.add_subplot(1, len(preds) + 1, j + 1)
             ax.imshow(item["rgb"])
@@ -208,7 +295,7 @@ def draw_examples(
             ax.set_axis_off()
         ax3 = fig.add_subplot(1, len(preds) + 1, len(preds) + 1, projection="3d")
         gt_xyz = uvz_to_xyz(
-            batch.future_uvz[b : b + 1], batch.intrinsics[b : b + 1], batch.image_size[b : b + 1]
+            truth[b : b + 1], batch.intrinsics[b : b + 1], batch.image_size[b : b + 1]
         )[0]
         for n in np.nonzero(mask)[0]:
             ax3.plot(*gt_xyz[n].numpy().T, color="green", lw=1)

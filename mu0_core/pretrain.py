@@ -280,36 +280,34 @@ def lr_lambda(cfg: PretrainConfig):
 def evaluate(
     model, make_batch: BatchMaker, indices: list[list[int]], device, seed: int = 0
 ) -> dict[str, float]:
-    """Validation loss on fixed noise and times, and trace errors of sampled predictions."""
-    from mu0_core.evaluate import Predictor
-    from mu0_core.metrics import trace_metrics
+    """Validation loss on fixed noise and times, and trace errors of sampled predictions at the
+    full horizon (against the simulator's truth where the data has it, else the labels): over
+    all points, and over the points that move, beside the static baseline's."""
+    from mu0_core.evaluate import Predictor, evaluate_tally
 
     model.eval()
-    losses, ade, fde, weights = [], [], [], []
+    losses, batches = [], []
     for k, idx in enumerate(indices):
         batch = make_batch(idx, np.random.default_rng(seed + k), train=False).to(device)
         g = torch.Generator(device=device).manual_seed(seed + k)
         losses.append(model.loss(batch, generator=g)[0].item())
-        m = trace_metrics(
-            Predictor("mu0", model)(batch, seed + k),
-            batch.future_uvz,
-            batch.future_valid,
-            batch.intrinsics,
-            batch.image_size,
-            horizons=(model.cfg.trace.horizon,),
-            point_mask=batch.point_mask,
-        )
-        H = model.cfg.trace.horizon
-        if np.isfinite(m[f"ade3d_m_h{H}"]):
-            ade.append(m[f"ade3d_m_h{H}"])
-            fde.append(m[f"fde3d_m_h{H}"])
-            weights.append(m.get(f"num_points_h{H}", 1.0))
+        batches.append(batch)
+    means = evaluate_tally(
+        [Predictor("mu0", model), Predictor("static", kind="static")],
+        lambda: iter(batches),
+        seed=seed,
+    ).means()
     model.train()
-    w = np.asarray(weights, dtype=np.float64)
+    H = model.cfg.trace.horizon
+    nan = float("nan")
+    mu0, static = means.get("mu0", {}), means.get("static", {})
     return {
         "val_loss": float(np.mean(losses)),
-        "val_ade3d_m": float(np.average(ade, weights=w)) if ade else float("nan"),
-        "val_fde3d_m": float(np.average(fde, weights=w)) if fde else float("nan"),
+        "val_ade3d_m": mu0.get(f"ade3d_m_h{H}", nan),
+        "val_fde3d_m": mu0.get(f"fde3d_m_h{H}", nan),
+        "val_moving_ade3d_m": mu0.get(f"moving_ade3d_m_h{H}", nan),
+        "val_moving_fde3d_m": mu0.get(f"moving_fde3d_m_h{H}", nan),
+        "val_static_moving_ade3d_m": static.get(f"moving_ade3d_m_h{H}", nan),
     }
 
 
@@ -476,13 +474,20 @@ def plot_metrics(log_path: Path, png: Path) -> Path | None:
     axes[0].set_xlabel("step")
     axes[0].legend(fontsize=8)
     axes[0].set_title("training loss")
-    pts = [(r["step"], 1e3 * r["val_ade3d_m"]) for r in rows if "val_ade3d_m" in r]
-    if pts:
-        axes[1].plot(*zip(*pts), marker="o", ms=3, label="ADE 3D (H=32)")
-        pts_f = [(r["step"], 1e3 * r["val_fde3d_m"]) for r in rows if "val_fde3d_m" in r]
-        axes[1].plot(*zip(*pts_f), marker="s", ms=3, label="FDE 3D (H=32)")
-        axes[1].set_ylabel("mm")
-        axes[1].legend(fontsize=8)
+    curves = [
+        ("val_ade3d_m", "ADE 3D, all points", "o"),
+        ("val_fde3d_m", "FDE 3D, all points", "s"),
+        ("val_moving_ade3d_m", "ADE 3D, moving points", "^"),
+        ("val_moving_fde3d_m", "FDE 3D, moving points", "v"),
+        ("val_static_moving_ade3d_m", "static baseline, moving ADE", None),
+    ]
+    for key, label, marker in curves:
+        pts = [(r["step"], 1e3 * r[key]) for r in rows if np.isfinite(r.get(key, np.nan))]
+        if pts:
+            style = {"marker": marker, "ms": 3} if marker else {"ls": "--", "color": "gray"}
+            axes[1].plot(*zip(*pts), label=label, **style)
+    axes[1].set_ylabel("mm (H = 32)")
+    axes[1].legend(fontsize=7)
     axes[1].set_xlabel("step")
     axes[1].set_title("validation trace error")
     fig.tight_layout()

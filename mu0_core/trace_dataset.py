@@ -7,8 +7,9 @@ On disk, a directory::
     episodes/<id>.json          strings: instruction, segment captions, per-sample caption index
 
 One *sample* is a frame t of an episode with N query points: their 8-step history and
-32-step future (re-timed by arc length over the rest of the current motion segment), both
-in frame t's camera as normalised uv + depth in metres (``mu0_core.types`` conventions).
+32-step future (by default the next 32 frames as they happened; meta.json's
+``report.config`` says how the futures were cut), both in frame t's camera as normalised
+uv + depth in metres (``mu0_core.types`` conventions).
 
 Arrays of one episode (F frames, S samples, N points):
 
@@ -20,12 +21,13 @@ Arrays of one episode (F frames, S samples, N points):
     hist_uvz       float32[S, N, 8, 3]       absolute, frame t's camera; last step = position at t
     hist_valid     bool[S, N, 8]
     future_uvz     float32[S, N, 32, 3]      frame t's camera; step 0 = position at t
-    future_valid   bool[S, N, 32]
+    future_valid   bool[S, N, 32]            False from the step a track is lost on
     point_mask     bool[S, N]                False = padding
     group_id       int64[S, N]               rigid-group id from motion clustering, -1 unknown
     moving         bool[S, N]
     sample_segment int64[S]
     gt_future_uvz  float32[S, N, 32, 3]      optional: the simulator's truth for the same points
+    gt_future_valid bool[S, N, 32]           with it: where that truth is known
 
 Writes are atomic (a temporary file renamed into place), so an interrupted extraction never
 leaves a half-written episode; reading is lazy (``safe_open`` per item, slicing one frame and
@@ -56,10 +58,12 @@ PER_POINT_KEYS = (
     "group_id",
     "moving",
     "gt_future_uvz",
+    "gt_future_valid",
 )
 
 FORMAT = "mu0-traces"
-VERSION = 1
+# 2: futures are a fixed time window (lost steps invalid), with gt_future_valid.
+VERSION = 2
 META_FILE = "meta.json"
 EPISODES_DIR = "episodes"
 
@@ -79,7 +83,10 @@ REQUIRED_ARRAYS: dict[str, np.dtype] = {
     "moving": np.dtype(bool),
     "sample_segment": np.dtype(np.int64),
 }
-OPTIONAL_ARRAYS: dict[str, np.dtype] = {"gt_future_uvz": np.dtype(np.float32)}
+OPTIONAL_ARRAYS: dict[str, np.dtype] = {
+    "gt_future_uvz": np.dtype(np.float32),
+    "gt_future_valid": np.dtype(bool),
+}
 
 
 # ---------------------------------------------------------------------------
@@ -136,6 +143,7 @@ def _check_arrays(episode_id: str, arrays: dict[str, np.ndarray]) -> None:
         "moving": (S, N),
         "sample_segment": (S,),
         "gt_future_uvz": (S, N, horizon, 3),
+        "gt_future_valid": (S, N, horizon),
     }
     for key, shape in expected.items():
         if key in arrays and tuple(arrays[key].shape) != shape:
@@ -228,7 +236,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(
             f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
-            f"expected {FORMAT!r} version {VERSION}"
+            f"expected {FORMAT!r} version {VERSION}: extract it again with `mu0 extract`"
         )
     return meta
 
@@ -372,6 +380,8 @@ def collate_traces(
     for b, idx in enumerate(keep):
         point_mask[b, : len(idx)] = True
     has_depth = all(it.get("depth_m") is not None for it in items)
+    # The simulator's truth travels along only when every item has it (evaluation).
+    has_truth = all("gt_future_valid" in it for it in items)
     return TraceBatch(
         hist_uvz=torch.from_numpy(gather("hist_uvz", 0.0, np.float32)),
         hist_valid=torch.from_numpy(gather("hist_valid", False, bool)),
@@ -390,4 +400,10 @@ def collate_traces(
             else None
         ),
         group_id=torch.from_numpy(gather("group_id", -1, np.int64)),
+        gt_future_uvz=(
+            torch.from_numpy(gather("gt_future_uvz", 0.0, np.float32)) if has_truth else None
+        ),
+        gt_future_valid=(
+            torch.from_numpy(gather("gt_future_valid", False, bool)) if has_truth else None
+        ),
     )

@@ -32,7 +32,7 @@ class TraceBatch:
 
     hist_uvz: Tensor  # float32[B, N, T_hist, 3] absolute; the last step is the current position
     hist_valid: Tensor  # bool[B, N, T_hist]
-    future_uvz: Tensor  # float32[B, N, H, 3] absolute, re-timed by arc length
+    future_uvz: Tensor  # float32[B, N, H, 3] absolute, the extracted label
     future_valid: Tensor  # bool[B, N, H]
     point_mask: Tensor  # bool[B, N]; False marks padding
     intrinsics: Tensor  # float32[B, 4] (fx, fy, cx, cy) in pixels of the original image
@@ -42,6 +42,9 @@ class TraceBatch:
     depth_m: Tensor | None = None  # float32[B, H_img, W_img]; 0 or non-finite = unknown
     frozen: dict[str, Tensor] | None = None  # batch-first tensors from Backbone.encode_frozen
     group_id: Tensor | None = None  # int64[B, N]; points of one rigid part share an id, -1 = none
+    # Evaluation only: the simulator's truth for the same points, where the data has it.
+    gt_future_uvz: Tensor | None = None  # float32[B, N, H, 3] absolute
+    gt_future_valid: Tensor | None = None  # bool[B, N, H]
 
     @property
     def batch_size(self) -> int:

@@ -10,8 +10,11 @@ Every step (``rate_hz``):
 4. act; with no usable trace in a trace-conditioned run, hold (zero motion, gripper kept).
 
 Conditions: ``mu0`` (traces from the frozen μ0 via the server), ``no_trace`` (the same expert
-without traces) and ``oracle`` (ground-truth future traces of the same query points, from a
-look-ahead with the task's scripted demonstrator in a shadow simulator: the upper bound).
+without traces: it then sees no scene points either), ``static_trace`` (the same query
+points, each held at its current position over the horizon: the scene without a forecast,
+so ``mu0`` against it measures what the forecast itself is worth) and ``oracle`` (the true
+futures of the same query points over the next 32 steps, the target μ0 is trained on, from a
+look-ahead with the task's scripted demonstrator in a shadow simulator).
 
 In simulation the loop steps as fast as the simulator allows (``realtime=False``) or paces
 itself to wall-clock ``rate_hz`` (``realtime=True``); latencies and trace ages are wall-clock.
@@ -26,10 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from mu0_core.types import HORIZON
 from policies.base import ExpertObservation
 from policies.queries import QueryBuilder, point_colors, query_points_cam, traces_to_base
 
-CONDITIONS = ("mu0", "no_trace", "oracle")
+CONDITIONS = ("mu0", "no_trace", "static_trace", "oracle")
 
 
 @dataclass
@@ -38,7 +42,6 @@ class LoopConfig:
     trace_max_age_s: float = 1.0
     realtime: bool = False
     num_scene_points: int = 32
-    oracle_lookahead: int = 40
 
 
 @dataclass
@@ -86,28 +89,26 @@ class GroundTruthTraces:
 
     A shadow copy of the env (no rendering) is set to the live state, a fresh scripted
     demonstrator of the task (whose phases follow from the state, so it picks up wherever the
-    expert has brought the scene) drives it up to ``lookahead`` steps or to its next gripper
-    event (the end of the motion segment, as TraceExtract cuts them), and each query point
-    follows the body it lies on (from the live camera's segmentation). A demonstrator kept in
+    expert has brought the scene) drives it for the next ``horizon - 1`` control steps (the
+    window μ0 forecasts, one step a frame), and each query point follows the body it lies on
+    (from the live camera's segmentation). A demonstrator kept in
     step with the live episode instead drifts out of phase once the expert acts differently.
     """
 
-    def __init__(self, task: str, robot: str, lookahead: int = 40):
+    def __init__(self, task: str, robot: str, horizon: int = HORIZON):
         from envs.demos import make_demonstrator
         from envs.robosuite_env import RobosuiteTraceEnv
 
         self.shadow = RobosuiteTraceEnv(task, robot, render_images=False)
         self.task = task
         self._make_demo = make_demonstrator
-        self.lookahead = lookahead
+        self.horizon = horizon
 
     def reset(self, seed: int) -> None:
         self.shadow.reset(seed=seed)
 
     def __call__(self, env, wire_obs: dict[str, Any], T_base_cam: np.ndarray) -> np.ndarray:
         import mujoco
-
-        from mu0_core.traces import retime_by_arc_length_batch
 
         sim, sh = env.sim, self.shadow.sim
         cam = env.camera_names[0]
@@ -129,19 +130,13 @@ class GroundTruthTraces:
         self.shadow.robosuite_env.timestep = max(1, env.robosuite_env.timestep)
         demo = self._make_demo(self.task)
         path = [p_world]
-        grip = None
-        for _ in range(self.lookahead):
-            a = demo(self.shadow)
-            if grip is not None and np.sign(a[6]) != np.sign(grip):
-                break  # a gripper event ends the segment
-            grip = a[6]
-            self.shadow.step(a)
+        for _ in range(self.horizon - 1):
+            self.shadow.step(demo(self.shadow))
             pts = np.einsum("nij,nj->ni", sh.data.xmat[body].reshape(-1, 3, 3), local)
             pts = pts + sh.data.xpos[body]
             pts[0] = self.shadow.T_world_eef()[:3, 3]  # query 0 is the grip site itself
             path.append(pts)
-        world = np.stack(path, 1)  # [N, L, 3]
-        out, _ = retime_by_arc_length_batch(world, np.ones(world.shape[:2], bool), 32)
+        out = np.stack(path, 1)  # [N, horizon, 3]: one step a control step, as μ0's window
         T_base_world = np.linalg.inv(env.T_world_base())
         return (out @ T_base_world[:3, :3].T + T_base_world[:3, 3]).astype(np.float32)
 
@@ -217,9 +212,9 @@ def run_episode(
         qb.observe(obs["proprio"][:3])
         T_base_cam = obs["T_base_cam"].astype(np.float64)
         need_chunk = len(queue) <= expert.chunk - expert.execute or not queue
-        # μ0 gets every frame (newest wins); the oracle needs queries only for a new chunk.
+        # μ0 gets every frame (newest wins); the others need queries only for a new chunk.
         wire = None
-        if condition == "mu0" or (condition == "oracle" and need_chunk):
+        if condition == "mu0" or (condition in ("oracle", "static_trace") and need_chunk):
             wire = qb.build(
                 obs["rgb"], obs["depth_m"], obs["intrinsics"], T_base_cam, obs["instruction"]
             )
@@ -244,8 +239,12 @@ def run_episode(
                     trace_valid = np.ones(len(traces_base), bool)
                     res.trace_age_ms.append(reply.age_s * 1e3)
                     res.trace_rtt_ms.append(reply.round_trip_ms)
-            elif condition == "oracle":
-                traces_base = oracle(env, wire, T_base_cam)
+            elif condition in ("oracle", "static_trace"):
+                if condition == "oracle":
+                    traces_base = oracle(env, wire, T_base_cam)
+                else:
+                    now = traces_to_base(query_points_cam(wire)[:, None], T_base_cam)  # [N, 1, 3]
+                    traces_base = np.repeat(now, HORIZON, axis=1)
                 point_rgb = point_colors(wire)
                 trace_valid = np.ones(len(traces_base), bool)
                 res.trace_age_ms.append(0.0)
@@ -291,14 +290,19 @@ def run_episode(
     return res
 
 
+VIDEO_MIN_PX = 256
+
+
 def _draw(obs: dict[str, Any], traces_base: np.ndarray | None, condition: str) -> np.ndarray:
-    """The camera image with the traces in use drawn on it (gripper's in red)."""
+    """The camera image, scaled to at least ``VIDEO_MIN_PX`` a side, with the traces in use
+    drawn on it: the gripper's in red, scene points that move 1 cm or more in cyan (a white
+    dot where the point is now, a filled one where it is forecast at the horizon's end)."""
     from mu0_core.extract import import_cv2
 
     cv2 = import_cv2()
     img = np.ascontiguousarray(obs["rgb"]).copy()
-    scale = 3
-    img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    scale = max(1, int(np.ceil(VIDEO_MIN_PX / min(img.shape[:2]))))  # at least 256 px a side
+    img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
     if traces_base is not None:
         T_cam_base = np.linalg.inv(obs["T_base_cam"].astype(np.float64))
         p = traces_base @ T_cam_base[:3, :3].T + T_cam_base[:3, 3]
@@ -311,8 +315,9 @@ def _draw(obs: dict[str, Any], traces_base: np.ndarray | None, condition: str) -
                 continue
             color = (255, 40, 40) if n == 0 else (40, 220, 255)
             pts = np.round(uv[n]).astype(np.int32).reshape(-1, 1, 2)
-            cv2.polylines(img, [pts], False, color, 1, cv2.LINE_AA)
-            cv2.circle(img, tuple(int(x) for x in pts[-1, 0]), 2, color, -1)
+            cv2.polylines(img, [pts], False, color, 2, cv2.LINE_AA)
+            cv2.circle(img, tuple(int(x) for x in pts[0, 0]), 2, (255, 255, 255), -1)  # now
+            cv2.circle(img, tuple(int(x) for x in pts[-1, 0]), 4, color, -1)  # in 32 steps
     cv2.putText(img, condition, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
     return img
 

@@ -16,10 +16,14 @@ SEED = 1000
 
 
 def build_heldout_set(
-    root: str | Path = "outputs/heldout", episodes: int = 2, image_size: int = 128
+    root: str | Path = "outputs/heldout", episodes: int = 3, image_size: int = 128
 ) -> Path:
-    """→ a directory of trace datasets laid out as ``<split>/<task>-<robot>/``."""
+    """→ a directory of trace datasets laid out as ``<split>/<task>-<robot>/``. Traces in an
+    older dataset format are extracted again from the episodes already collected."""
+    import shutil
+
     from envs.collect import CollectConfig, collect
+    from mu0_core import trace_dataset
     from mu0_core.extract.pipeline import run_extract
 
     root = Path(root)
@@ -28,7 +32,12 @@ def build_heldout_set(
             name = f"{task}-{robot}"
             traces = root / "traces" / split / name
             if (traces / "meta.json").is_file():
-                continue
+                try:
+                    trace_dataset.read_meta(traces)
+                    continue
+                except ValueError:  # an older format: cut the futures again
+                    print(f"held-out {split}/{name}: old trace format, extracting again")
+                    shutil.rmtree(traces)
             print(f"building held-out {split}: {name} ({episodes} episodes, seed {SEED}+)")
             episodes_dir = root / "episodes" / split / name
             cfg = CollectConfig(

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Reproduces the shipped tiny checkpoints from scratch on this machine (CPU):
-#   1. data:  collect scripted demonstrations in simulation (train seeds 0+) and extract traces
-#             from pixels (TraceExtract);
+#   1. data:  collect scripted demonstrations in simulation (train seeds 0+; `collect`) and
+#             extract traces from pixels (TraceExtract; `extract`), JOBS pairs at a time, resumably;
 #   2. train: pretrain μ0 (uniform C2 knots), the Bézier-knot ablation and two baselines;
 #   3. eval:  evaluate everything on the held-out set (`mu0 eval-traces` builds it: seeds 1000+,
 #             the Door task and the IIWA robot, neither of which pretraining sees).
-# Usage: scripts/make_checkpoints.sh [data|train|eval|all]   (default: all)
+# Usage: scripts/make_checkpoints.sh [collect|extract|data|train|eval|all]   (default: all)
 set -euo pipefail
 # One torch thread per process: on a busy 2-core machine more threads thrash (10-50x slower).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -13,7 +13,11 @@ cd "$(dirname "$0")/.."
 MU0=${MU0:-.venv/bin/mu0}
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
-EPISODES=${EPISODES:-10}
+# Episodes per pair by task: multi-phase tasks (Stack, PickPlaceCan) need more.
+EPISODES_Lift=${EPISODES_Lift:-8}
+EPISODES_Stack=${EPISODES_Stack:-20}
+EPISODES_PickPlaceCan=${EPISODES_PickPlaceCan:-20}
+JOBS=${JOBS:-2}
 STEPS=${STEPS:-9000}
 # The tokens baseline trains about 8x slower a step on CPU; the shipped one had 3000 steps.
 TOKEN_STEPS=${TOKEN_STEPS:-3000}
@@ -21,15 +25,25 @@ SIZE=${SIZE:-128}
 STAGE=${1:-all}
 # PickPlaceCan × Kinova3 is left out, as in the shipped checkpoints: its scripted demonstrator
 # failed when they were trained (it succeeds now; add the pair to PAIRS to include it).
-PAIRS=${PAIRS:-"Lift-Panda Lift-UR5e Lift-Kinova3 Stack-Panda Stack-UR5e Stack-Kinova3 PickPlaceCan-Panda PickPlaceCan-UR5e"}
+PAIRS=${PAIRS:-"Stack-UR5e Stack-Panda PickPlaceCan-Panda PickPlaceCan-UR5e Lift-Panda Lift-UR5e Lift-Kinova3 Stack-Kinova3"}
 
-if [[ $STAGE == data || $STAGE == all ]]; then
-  for pair in $PAIRS; do
-    task=${pair%-*} robot=${pair#*-}
-    "$MU0" collect --out "$DATA/episodes/train/$pair" --task "$task" --robot "$robot" \
-      --episodes "$EPISODES" --seed 0 --image-size "$SIZE" "$SIZE" --only-success --quiet
-    "$MU0" extract "$DATA/episodes/train/$pair" --out "$DATA/traces/train/$pair" --workers 1 --quiet
-  done
+collect_pair() {  # both stages resume: finished episodes are kept and skipped
+  local pair=$1 task=${1%-*} robot=${1#*-} n
+  n=EPISODES_$task
+  "$MU0" collect --out "$DATA/episodes/train/$pair" --task "$task" --robot "$robot" \
+    --episodes "${!n:-8}" --seed 0 --image-size "$SIZE" "$SIZE" --only-success --quiet
+}
+extract_pair() {
+  "$MU0" extract "$DATA/episodes/train/$1" --out "$DATA/traces/train/$1" --workers 1 --quiet
+}
+export -f collect_pair extract_pair
+export MU0 DATA SIZE EPISODES_Lift EPISODES_Stack EPISODES_PickPlaceCan
+
+if [[ $STAGE == collect || $STAGE == data || $STAGE == all ]]; then
+  printf '%s\n' $PAIRS | xargs -P "$JOBS" -I{} bash -c 'collect_pair {}'
+fi
+if [[ $STAGE == extract || $STAGE == data || $STAGE == all ]]; then
+  printf '%s\n' $PAIRS | xargs -P "$JOBS" -I{} bash -c 'extract_pair {}'
 fi
 
 if [[ $STAGE == train || $STAGE == all ]]; then

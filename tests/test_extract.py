@@ -17,6 +17,7 @@ from mu0_core.extract.pipeline import ExtractConfig, extract_episode, run_extrac
 from mu0_core.extract.segments import segment_episode  # noqa: E402
 from mu0_core.extract.sources import FolderSource, RGBDEpisode  # noqa: E402
 from mu0_core.extract.tracking import make_tracker  # noqa: E402
+from mu0_core.geometry import uvz_to_xyz  # noqa: E402
 
 H = W = 64
 K = np.array([80.0, 80.0, 31.5, 31.5], np.float32)
@@ -160,19 +161,76 @@ def test_extract_episode_end_to_end():
     np.testing.assert_allclose(
         arrays["future_uvz"][:, :, 0][m], arrays["hist_uvz"][:, :, -1][m], atol=1e-5
     )
-    # Re-timed over the rest of the segment: at frame 6 a square point ends where the square stops.
+    # A fixed window: at frame 6, future step k is where the track is at frame 6 + k, until
+    # the episode ends at F (unsmoothed: smoothing rounds the stop at frame 14 by < 1 px).
+    raw = extract_episode(ep, ExtractConfig(num_points=40, smooth_frames=1))
     i = 6
-    c = int(np.flatnonzero(traces.sample_track[i] == n)[0])  # track n's column in sample i
-    seg_end = traces.segments[int(arrays["sample_segment"][i])].end
-    end_uv = arrays["future_uvz"][i, c, -1, :2]
-    u_px = ((end_uv[0] + 1) * W - 1) / 2
-    assert abs(u_px - traces.uv_px[seg_end - 1, n, 0]) < 0.05
-    steps = np.linalg.norm(np.diff(arrays["future_uvz"][i, c, :, :2], axis=0), axis=-1)
-    assert steps.std() < 0.1 * steps.mean()  # equal arc-length steps
+    c = int(np.flatnonzero(raw.sample_track[i] == n)[0])  # track n's column in sample i
+    ok = raw.samples["future_valid"][i, c]
+    assert ok[: F - i].all() and not ok[F - i :].any()
+    u_px = ((raw.samples["future_uvz"][i, c, : F - i, 0] + 1) * W - 1) / 2
+    np.testing.assert_allclose(u_px, raw.uv_px[i:, n, 0], atol=1e-3)
     assert arrays["hist_valid"][0, :, :-1].sum() == 0  # nothing before the first frame
     assert len(strings["sample_caption"]) == S and strings["instruction"] == "push the square"
     report = traces.report()
     assert report["points"] == N and 0 < report["coverage"] <= 1 and report["share_valid"] > 0.5
+
+
+def test_arc_target_retimes_within_the_window_and_never_stretches_a_lost_track():
+    ep = _scene()
+    traces = extract_episode(ep, ExtractConfig(num_points=40, target="arc"))
+    arrays = traces.arrays()
+    i = 6
+    moving = arrays["point_mask"][i] & arrays["moving"][i]
+    c = int(np.flatnonzero(moving)[0])
+    ok = arrays["future_valid"][i, c]
+    # Valid only for the frames the window saw (the episode ends at F), in equal arc steps
+    # from the start to where the point is at the window's last seen frame.
+    n_ok = int(ok.sum())
+    assert ok[:n_ok].all() and n_ok <= F - i
+    path = arrays["future_uvz"][i, c, :n_ok, :2]
+    steps = np.linalg.norm(np.diff(path, axis=0), axis=-1)
+    moving_steps = steps[steps > 1e-6]
+    assert moving_steps.std() < 0.1 * moving_steps.mean()
+    track = traces.sample_track[i, c]
+    u_end = ((path[-1, 0] + 1) * W - 1) / 2
+    assert abs(u_end - traces.uv_px[i + n_ok - 1, track, 0]) < 0.15  # smoothed track
+
+
+def test_window_stride_and_lost_tracks_are_invalid_from_the_loss_on():
+    import mu0_core.extract.pipeline as pl
+
+    ep = _scene()
+    cfg = ExtractConfig(num_points=40, frame_stride=2, smooth_frames=1)
+    F_, N = 12, 3
+    xyz = np.zeros((F_, N, 3))
+    xyz[..., 2] = 1.0
+    xyz[:, :, 0] = np.arange(F_)[:, None] * 0.01  # 1 cm a frame to the camera's right
+    valid = np.ones((F_, N), bool)
+    valid[5, 1] = False  # point 1 is lost at frame 5 and "comes back" at 6
+    ep_short = RGBDEpisode(
+        id="short",
+        rgb=ep.rgb[:F_],
+        depth_m=ep.depth_m[:F_],
+        intrinsics=ep.intrinsics[:F_],
+        T_world_cam=np.repeat(np.eye(4, dtype=np.float32)[None], F_, 0),
+        instruction="x",
+    )
+    t_arr = np.array([0, 4])
+    known = np.ones((2, N), bool)
+    fut, ok = pl.future_targets(ep_short, xyz, valid, t_arr, known, cfg)
+    # Stride 2: step k is frame t + 2k; frames past 11 are outside the episode.
+    assert ok[0, 0, :6].all() and not ok[0, 0, 6:].any()
+    # A stride-2 window from frame 0 never looks at frame 5, where point 1 was lost.
+    assert ok[0, 1, :6].all()
+    xyz_fut = uvz_to_xyz(fut[0, 0, :6], ep_short.intrinsics[0], np.array([W, H]))
+    np.testing.assert_allclose(xyz_fut[:, 0], np.arange(0, 12, 2) * 0.01, atol=1e-6)
+    # With stride 1 the loss at frame 5 ends point 1's future for good.
+    fut1, ok1 = pl.future_targets(
+        ep_short, xyz, valid, t_arr, known, ExtractConfig(num_points=40, smooth_frames=1)
+    )
+    assert ok1[0, 1, :5].all() and not ok1[0, 1, 5:].any()
+    assert ok1[1, 1, :1].all() and not ok1[1, 1, 1:].any()
 
 
 def _entering_scene() -> RGBDEpisode:

@@ -184,7 +184,8 @@ def test_wilson_interval_known_values():
 
 @pytest.mark.sim
 def test_control_loop_conditions_in_simulation(tmp_path):
-    """mu0 (through a real server with a trivial model), no_trace and oracle, 12 steps each."""
+    """mu0 (through a real server with a trivial model), no_trace, static_trace and oracle,
+    12 steps each."""
     pytest.importorskip("robosuite")
     from envs.robosuite_env import RobosuiteTraceEnv
     from policies.control import GroundTruthTraces, LoopConfig, run_episode
@@ -194,7 +195,7 @@ def test_control_loop_conditions_in_simulation(tmp_path):
 
     env = RobosuiteTraceEnv("Lift", "Panda", image_size=(64, 64))
     expert = _expert()
-    oracle = GroundTruthTraces("Lift", "Panda", lookahead=40)
+    oracle = GroundTruthTraces("Lift", "Panda")
     cfg = LoopConfig(trace_max_age_s=5.0, num_scene_points=8)
     with running_server(EchoTraceModel(image_size=None)) as server:
         client = TraceClient(f"tcp://127.0.0.1:{server.port}", max_age_s=5.0)
@@ -206,6 +207,17 @@ def test_control_loop_conditions_in_simulation(tmp_path):
     assert r.held_steps < 12
     r = run_episode(env, expert, "no_trace", 0, cfg=cfg, max_steps=12, record_frames=True)
     assert r.held_steps == 0 and len(r.frames) == 12 and r.frames[0].ndim == 3
+    # static_trace: the expert sees the same points as with μ0, each held where it is now.
+    seen = []
+    act = expert.act
+    expert.act = lambda o, seed=0: (seen.append(o), act(o, seed=seed))[1]
+    r = run_episode(env, expert, "static_trace", 0, cfg=cfg, max_steps=12)
+    expert.act = act
+    assert r.held_steps == 0 and seen and all(o.traces_available for o in seen)
+    first = seen[0]
+    assert first.traces_base.shape == (9, 32, 3) and first.point_rgb.shape == (9, 3)
+    np.testing.assert_array_equal(first.traces_base, first.traces_base[:, :1].repeat(32, 1))
+    np.testing.assert_allclose(first.traces_base[0, 0], first.proprio[:3], atol=2e-3)
     # Oracle: the gripper's true future starts at the grip site and the demonstrator moves it.
     obs, _ = env.reset(seed=0)
     oracle.reset(0)

@@ -61,7 +61,7 @@ def test_roundtrip_and_lazy_items(tmp_path):
     _write(tmp_path)
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporaries
     meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta["format"] == "mu0-traces" and meta["version"] == 1
+    assert meta["format"] == "mu0-traces" and meta["version"] == td.VERSION
     assert (meta["history_steps"], meta["horizon"]) == (8, 32)
 
     ds = td.TraceDataset(tmp_path)

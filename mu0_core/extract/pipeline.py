@@ -3,9 +3,10 @@
 Per episode (``extract_episode``): pick keypoints from pixels, track them in 2D (replacing
 lost ones with new tracks that start where they are picked), lift them to 3D in the world
 frame, flag moving points and cluster rigid groups, segment the motion and caption it,
-then cut samples: for each frame t, every point's 8-step history and its future re-timed
-by arc length over the rest of the current segment, both in frame t's camera
-(``mu0_core.trace_dataset`` holds the contract; steps before a track starts are invalid).
+then cut samples: for each frame t, every point's 8-step history and its future over a fixed
+window of H frames (``target="window"``, the default) or re-timed by arc length within that
+window (``target="arc"``), both in frame t's camera (``mu0_core.trace_dataset`` holds the
+contract; steps before a track starts, and from the step it is lost on, are invalid).
 
 Across episodes (``run_extract``): local processes by default, a Ray job with
 ``use_ray=True``; each worker opens the source from its JSON spec, extracts one episode
@@ -30,6 +31,7 @@ from mu0_core.extract import ExtractError
 from mu0_core.extract.keypoints import motion_saliency, select_keypoints, to_gray
 from mu0_core.extract.lifting import (
     attach_to_bodies,
+    body_pose_matrices,
     lift_tracks,
     rigid_body_tracks,
     world_to_camera_uvz,
@@ -37,7 +39,13 @@ from mu0_core.extract.lifting import (
 from mu0_core.extract.segments import Segment, make_captioner, motion_activity, segment_episode
 from mu0_core.extract.sources import RGBDEpisode, open_source
 from mu0_core.extract.tracking import Tracker, Tracks, make_tracker, track_with_reseeding
-from mu0_core.traces import is_moving, retime_by_arc_length_batch
+from mu0_core.geometry import invert_transform, transform_points
+from mu0_core.traces import (
+    future_frames,
+    is_moving,
+    retime_by_arc_length_batch,
+    smooth_tracks,
+)
 from mu0_core.types import HISTORY_STEPS, HORIZON
 
 RAY_HINT = "`mu0 extract --ray` needs Ray: pip install 'mu0[ray]'"
@@ -52,6 +60,13 @@ class ExtractConfig:
     tracker_kwargs: dict[str, Any] = field(default_factory=dict)
     captioner: str = "rule"  # a registered name or "package.module:factory"
     sample_stride: int = 1  # a sample every this many frames
+    # The future target: "window" = the next `horizon` steps, `frame_stride` frames apart, as
+    # they happened; "arc" = the same window's path re-timed to equal steps of arc length.
+    target: str = "window"
+    frame_stride: int = 1
+    # Tracks are smoothed over this many frames (odd; 1 = off) before futures are cut; a
+    # future is the current position plus the smoothed track's displacement from it.
+    smooth_frames: int = 5
     moving_threshold_m: float = 0.02  # path length over the episode that makes a point "moving"
     still_path_m: float = 0.005  # a future shorter than this is a point holding still
     rigid_tolerance_m: float = 0.01  # distance change allowed between points of one rigid group
@@ -61,12 +76,24 @@ class ExtractConfig:
     reseed_every: int = 4
     reseed_min_lost: float = 0.1
 
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.frame_stride < 1 or self.smooth_frames < 1 or self.sample_stride < 1:
+            raise ValueError(
+                "frame_stride, smooth_frames and sample_stride must be >= 1, got "
+                f"{self.frame_stride}, {self.smooth_frames}, {self.sample_stride}"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExtractConfig:
         return cls(**d)
+
+
+TARGETS = ("window", "arc")
 
 
 @dataclass
@@ -241,10 +268,14 @@ def build_samples(
     group_id: np.ndarray,
     segments: list[Segment],
     config: ExtractConfig,
-    gt_xyz_world: np.ndarray | None = None,
+    truth: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The contract's per-sample arrays. A sample is a frame t where at least one point is
-    valid; ``point_mask`` marks the points with a known position at t (the queries)."""
+    valid; ``point_mask`` marks the points with a known position at t (the queries).
+
+    truth: the simulator's, for evaluation only: {"body_pose" [F, B, 7], "segmentation"
+    [F, H, W] or absent, "uv_px" [F, N, 2] the tracks}; adds ``gt_future_uvz`` and
+    ``gt_future_valid`` (see ``truth_targets``)."""
     F, N, _ = xyz_world.shape
     T_h, Hz = config.history_steps, config.horizon
     H, W = ep.depth_m.shape[1:]
@@ -266,8 +297,9 @@ def build_samples(
         "moving": np.tile(moving.astype(bool), (S, 1)),
         "sample_segment": seg_of[t_arr] if S else np.zeros(0, np.int64),
     }
-    if gt_xyz_world is not None:
+    if truth is not None:
         out["gt_future_uvz"] = np.zeros((S, N, Hz, 3), np.float32)
+        out["gt_future_valid"] = np.zeros((S, N, Hz), bool)
     if S == 0:
         return out
     filled = np.nan_to_num(xyz_world)  # invalid steps are masked; keep the arithmetic finite
@@ -285,38 +317,112 @@ def build_samples(
     out["hist_valid"] = np.swapaxes(hist_valid, 1, 2)
     out["point_mask"] = valid[t_arr]
 
-    # Future: the rest of the segment from t, re-timed by arc length (measured in metres).
-    for i, t in enumerate(frames):
-        end = segments[seg_of[t]].end
-        T_cam, K = ep.T_world_cam[t][None], ep.intrinsics[t][None]
-        for key, world, ok in (
-            ("future", filled[t:end], valid[t:end]),
-            ("gt", gt_xyz_world[t:end] if gt_xyz_world is not None else None, None),
-        ):
-            if world is None:
-                continue
-            n = np.flatnonzero(out["point_mask"][i])  # the points known at t
-            L, M = len(world), len(n)
-            world = world[:, n]
-            uvz_f, xyz_cam = world_to_camera_uvz(world.reshape(1, L * M, 3), T_cam, K, size[None])
-            uvz_f, xyz_cam = uvz_f.reshape(L, M, 3), xyz_cam.reshape(L, M, 3)
-            ok = np.ones((L, M), bool) if ok is None else ok[:, n]
-            ok = ok & np.isfinite(uvz_f).all(-1) & (xyz_cam[..., 2] > 0)
-            uvz_f = np.where(ok[..., None], uvz_f, 0.0)
-            xyz_cam = np.where(ok[..., None], xyz_cam, 0.0)
-            pts, pts_ok = retime_by_arc_length_batch(
-                np.swapaxes(uvz_f, 0, 1),
-                ok.T,
-                Hz,
-                min_total_length=config.still_path_m,
-                arc_points=np.swapaxes(xyz_cam, 0, 1),
-            )  # [M, Hz, 3], [M, Hz]
-            if key == "future":
-                out["future_uvz"][i, n] = pts
-                out["future_valid"][i, n] = pts_ok
-            else:
-                out["gt_future_uvz"][i, n] = pts
+    fut, fut_ok = future_targets(ep, xyz_world, valid, t_arr, out["point_mask"], config)
+    out["future_uvz"], out["future_valid"] = fut, fut_ok
+    if truth is not None:
+        out["gt_future_uvz"], out["gt_future_valid"] = truth_targets(
+            ep, xyz_world, t_arr, out["point_mask"], truth, fut_ok, config
+        )
     return out
+
+
+def _to_camera_t(ep, world: np.ndarray, t_arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """world [S, Hz, N, 3] -> (uvz, xyz_cam) [S, Hz, N, 3] in each sample frame's camera."""
+    H, W = ep.depth_m.shape[1:]
+    size = np.tile(np.array([W, H], np.float64), (len(t_arr), 1))
+    return world_to_camera_uvz(world, ep.T_world_cam[t_arr], ep.intrinsics[t_arr], size)
+
+
+def _cut(
+    ep,
+    world: np.ndarray,
+    ok: np.ndarray,
+    t_arr: np.ndarray,
+    config: ExtractConfig,
+    prefix_only: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Futures in world coordinates [S, Hz, N, 3] + ok [S, Hz, N] -> the contract's
+    (future_uvz float32[S, N, Hz, 3], future_valid bool[S, N, Hz]) in frame t's camera,
+    re-timed by arc length for ``target="arc"``. ``prefix_only``: a step after an invalid
+    one is invalid too (a track lost once does not come back as the same point)."""
+    uvz, xyz_cam = _to_camera_t(ep, world, t_arr)
+    ok = ok & np.isfinite(uvz).all(-1) & (xyz_cam[..., 2] > 0)
+    if prefix_only:
+        ok = np.cumprod(ok, axis=1).astype(bool)
+    uvz = np.swapaxes(np.where(ok[..., None], uvz, 0.0), 1, 2)  # [S, N, Hz, 3]
+    xyz_cam = np.swapaxes(np.where(ok[..., None], xyz_cam, 0.0), 1, 2)
+    ok = np.swapaxes(ok, 1, 2)  # [S, N, Hz]
+    if config.target == "arc":
+        S, N, Hz, _ = uvz.shape
+        pts, ok_flat = retime_by_arc_length_batch(
+            uvz.reshape(S * N, Hz, 3),
+            ok.reshape(S * N, Hz),
+            Hz,
+            min_total_length=config.still_path_m,
+            arc_points=xyz_cam.reshape(S * N, Hz, 3),
+            keep_length=True,
+        )
+        uvz, ok = pts.reshape(S, N, Hz, 3), ok_flat.reshape(S, N, Hz)
+        uvz = np.where(ok[..., None], uvz, 0.0)
+    return uvz.astype(np.float32), ok
+
+
+def future_targets(
+    ep,
+    xyz_world: np.ndarray,
+    valid: np.ndarray,
+    t_arr: np.ndarray,
+    known: np.ndarray,
+    config: ExtractConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The extracted futures of every sample's points: step k is frame t + k * frame_stride;
+    the future starts at the point's position at t and follows the (smoothed) track's
+    displacement from there; invalid once the track is lost or the episode ends."""
+    F = len(xyz_world)
+    idx, inside = future_frames(t_arr, F, config.horizon, config.frame_stride)  # [S, Hz]
+    filled = np.nan_to_num(xyz_world)
+    smooth = smooth_tracks(filled, valid, config.smooth_frames)
+    world = filled[t_arr][:, None] + (smooth[idx] - smooth[t_arr][:, None])  # [S, Hz, N, 3]
+    ok = valid[idx] & inside[..., None] & known[:, None, :]
+    return _cut(ep, world, ok, t_arr, config)
+
+
+def truth_targets(
+    ep,
+    xyz_world: np.ndarray,
+    t_arr: np.ndarray,
+    known: np.ndarray,
+    truth: dict[str, np.ndarray],
+    label_valid: np.ndarray,
+    config: ExtractConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The simulator's truth for the same queries, in the same target definition: each
+    point's position at t (as extracted) attached to the body seen at its pixel at t and
+    moved rigidly with that body over the window. Valid wherever the window is inside the
+    episode (the truth does not get lost); for ``target="arc"`` over the same steps as the
+    label, so both re-time the same stretch of time."""
+    F = len(xyz_world)
+    idx, inside = future_frames(t_arr, F, config.horizon, config.frame_stride)
+    body_pose, seg, uv_px = truth["body_pose"], truth.get("segmentation"), truth["uv_px"]
+    x0 = np.nan_to_num(xyz_world[t_arr])  # [S, N, 3]
+    world = np.repeat(x0[:, None], config.horizon, axis=1)  # [S, Hz, N, 3]
+    for i, t in enumerate(t_arr):
+        n = np.flatnonzero(known[i])
+        if len(n) == 0:
+            continue
+        body = attach_to_bodies(
+            uv_px[t, n], x0[i, n], body_pose[t], None if seg is None else seg[t]
+        )
+        T_t = body_pose_matrices(body_pose[t, body])  # [M, 4, 4]
+        p_body = transform_points(invert_transform(T_t), x0[i, n])  # [M, 3]
+        T_f = body_pose_matrices(body_pose[idx[i]][:, body])  # [Hz, M, 4, 4]
+        world[i][:, n] = transform_points(
+            T_f, np.broadcast_to(p_body, (len(idx[i]), *p_body.shape))
+        )
+    ok = inside[..., None] & known[:, None, :]
+    if config.target == "arc":
+        ok = ok & np.swapaxes(label_valid, 1, 2)
+    return _cut(ep, world, ok, t_arr, config, prefix_only=False)
 
 
 def pack_samples(samples: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -466,9 +572,7 @@ def extract_episode(
             seg = None if ep.sim.segmentation is None else ep.sim.segmentation[f]
             body = attach_to_bodies(query_uv[n], x0, ep.sim.body_pose[f], seg)
             gt[:, n] = rigid_body_tracks(x0, body, ep.sim.body_pose, query_frame=int(f))
-    samples = build_samples(ep, xyz_world, valid, moving, group_id, segments, config, gt)
-    samples, sample_track = pack_samples(samples)
-    return EpisodeTraces(
+    traces = EpisodeTraces(
         episode=ep,
         query_uv_px=query_uv,
         query_frame=query_frame,
@@ -480,12 +584,39 @@ def extract_episode(
         group_id=group_id,
         segments=segments,
         captions=captions,
-        samples=samples,
-        sample_track=sample_track,
+        samples={},
+        sample_track=np.zeros((0, 0), np.int64),
         gt_xyz_world=gt,
-        seconds=time.perf_counter() - start_time,
         num_points=config.num_points,
     )
+    traces.samples, traces.sample_track = cut_samples(traces, config)
+    traces.seconds = time.perf_counter() - start_time
+    return traces
+
+
+def cut_samples(
+    traces: EpisodeTraces, config: ExtractConfig
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """An episode's packed samples (and the track behind each column) under ``config``'s
+    target options, from its tracks; the simulator's truth is added where the episode has it.
+    Cheap next to tracking, so several target definitions can be cut from one extraction."""
+    ep = traces.episode
+    truth = None
+    if ep.sim is not None:
+        truth = {"body_pose": ep.sim.body_pose, "uv_px": traces.uv_px}
+        if ep.sim.segmentation is not None:
+            truth["segmentation"] = ep.sim.segmentation
+    samples = build_samples(
+        ep,
+        traces.xyz_world,
+        traces.valid,
+        traces.moving,
+        traces.group_id,
+        traces.segments,
+        config,
+        truth,
+    )
+    return pack_samples(samples)
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """`mu0 eval-policy`: action experts in closed loop, with and without μ0's traces.
 
-For each task × robot, on the same fixed seeds, three conditions: ``mu0`` (traces from the
-frozen μ0 through a trace server), ``no_trace`` (the same expert without traces) and ``oracle``
-(ground-truth future traces, the upper bound). The robots run at the same time, one process
+For each task × robot, on the same fixed seeds, four conditions: ``mu0`` (traces from the
+frozen μ0 through a trace server), ``static_trace`` (the same points held still: the expert
+without the forecast), ``no_trace`` (the same expert without traces or points) and ``oracle``
+(the true futures of the same points; ``policies.control`` says how each is made). The robots run at the same time, one process
 each, every one a client of one server hosting one μ0 checkpoint. Success comes with a Wilson
 95% interval, per-step latencies and trace staleness; videos of the first episodes with the
 traces drawn go to ``--out``.
@@ -38,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--robots", default="Panda,UR5e", help="comma-separated robots (one expert each)"
     )
-    p.add_argument("--conditions", default="mu0,no_trace,oracle")
+    p.add_argument("--conditions", default="mu0,static_trace,no_trace,oracle")
     p.add_argument("--episodes", type=int, default=50, help="episodes per task, robot, condition")
     p.add_argument("--seed", type=int, default=5000, help="first seed (never used in training)")
     p.add_argument("--experts", type=Path, default=DEFAULT_EXPERTS, help="folder of <Robot>/")
@@ -240,10 +241,12 @@ def run(args: argparse.Namespace) -> int:
 
     tasks = [t for t in args.tasks.split(",") if t]
     robots = [r for r in args.robots.split(",") if r]
+    from policies.control import CONDITIONS
+
     conditions = [c for c in args.conditions.split(",") if c]
     for c in conditions:
-        if c not in ("mu0", "no_trace", "oracle"):
-            raise SystemExit(f"mu0 eval-policy: unknown condition {c!r} (mu0, no_trace, oracle)")
+        if c not in CONDITIONS:
+            raise SystemExit(f"mu0 eval-policy: unknown condition {c!r} ({', '.join(CONDITIONS)})")
     for robot in robots:
         if not (args.experts / robot / "expert.json").is_file():
             raise SystemExit(

@@ -43,7 +43,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-points", type=int, default=32)
-    p.add_argument("--max-batches", type=int, default=None, help="per split (quick looks)")
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        help="per task-robot pair, spread evenly over its samples (quick looks)",
+    )
     p.add_argument("--samples-k", type=int, default=5, help="samples for minADE_K (flow models)")
     p.add_argument("--examples", type=int, default=4, help="pictures per split")
     p.add_argument("--seed", type=int, default=0)
@@ -93,13 +98,25 @@ def discover_splits(data: Path) -> dict[str, list[Path]]:
     return dict(sorted(splits.items(), key=lambda kv: kv[0] != "heldout_seeds"))
 
 
+def _spread_batches(n: int, batch_size: int, max_batches: int | None) -> list[list[int]]:
+    """Batches of sample indices; with ``max_batches``, that many batches' worth of samples
+    spread evenly over all ``n`` (consecutive samples are near-copies of one another)."""
+    import numpy as np
+
+    if max_batches and max_batches * batch_size < n:
+        idx = np.linspace(0, n - 1, max_batches * batch_size).round().astype(int).tolist()
+    else:
+        idx = list(range(n))
+    return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
     from torch.utils.data import ConcatDataset
 
     from mu0_core.checkpoint import load_checkpoint
-    from mu0_core.evaluate import Predictor, draw_examples, evaluate, markdown_table
+    from mu0_core.evaluate import Predictor, Tally, draw_examples, evaluate_tally, markdown_table
     from mu0_core.feature_cache import FeatureCache
     from mu0_core.trace_dataset import TraceDataset, collate_traces
 
@@ -139,36 +156,55 @@ def run(args: argparse.Namespace) -> int:
         )
         return batch
 
-    results, tables = {}, []
+    # The extracted labels as a forecast, scored against the truth: the ceiling of learning
+    # from them (only where the data has the simulator's truth).
+    predictors.append(Predictor("labels", kind="labels"))
+    results, pair_results, tables = {}, {}, []
     for split, dirs in splits.items():
-        ds = ConcatDataset([TraceDataset(d) for d in dirs])
-        n = len(ds)
-        if n == 0:
+        split_tally, counts = Tally(), []
+        pair_results[split] = {}
+        for d in dirs:
+            ds = TraceDataset(d)
+            n = len(ds)
+            if n == 0:
+                continue
+            index_batches = _spread_batches(n, args.batch_size, args.max_batches)
+            counts.append(sum(len(b) for b in index_batches))
+
+            def batches(index_batches=index_batches, ds=ds):
+                for k, idx in enumerate(index_batches):
+                    yield make_batch([ds[i] for i in idx], args.seed + k)
+
+            with torch.no_grad():
+                tally = evaluate_tally(
+                    predictors, batches, num_samples_k=args.samples_k, seed=args.seed
+                )
+            pair_results[split][d.name] = tally.means()
+            split_tally.merge(tally)
+        if not counts:
             continue
-        index_batches = [
-            list(range(i, min(n, i + args.batch_size))) for i in range(0, n, args.batch_size)
-        ]
-        if args.max_batches:
-            index_batches = index_batches[: args.max_batches]
-
-        def batches(index_batches=index_batches, ds=ds):
-            for k, idx in enumerate(index_batches):
-                yield make_batch([ds[i] for i in idx], args.seed + k)
-
-        with torch.no_grad():
-            res = evaluate(predictors, batches, num_samples_k=args.samples_k, seed=args.seed)
+        res = split_tally.means()
         results[split] = res
         names = ", ".join(d.name for d in dirs)
-        tables.append(markdown_table(res, title=f"{split}: {names} ({n} samples)"))
+        tables.append(markdown_table(res, title=f"{split}: {names} ({sum(counts)} samples)"))
         print(tables[-1] + "\n")
+        if len(pair_results[split]) > 1:
+            for name, pres in pair_results[split].items():
+                tables.append(markdown_table(pres, title=f"{split} / {name}"))
         # Pictures: samples spread over the split, every model side by side.
+        ds = ConcatDataset([TraceDataset(d) for d in dirs])
+        n = len(ds)
         pick = list(range(0, n, max(1, n // max(1, args.examples))))[: args.examples]
         if not pick:  # --examples 0
             continue
         items = [ds[i] for i in pick]
         with torch.no_grad():
             draw_examples(
-                predictors, items, make_batch(items, args.seed), args.out / split, seed=args.seed
+                [p for p in predictors if p.kind != "labels"],
+                items,
+                make_batch(items, args.seed),
+                args.out / split,
+                seed=args.seed,
             )
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -186,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
             for name, m in headline.items()
         }
         h32["_splits"] = results  # every split, every horizon
+        h32["_pairs"] = pair_results  # every task-robot pair of every split
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(h32, indent=2))
         print(f"wrote {args.json}")

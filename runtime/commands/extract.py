@@ -7,6 +7,24 @@ import json
 from pathlib import Path
 
 
+def add_target_args(p) -> None:
+    """Options for how futures are cut, shared by `mu0 extract` and `mu0 bench extract`."""
+    p.add_argument(
+        "--target",
+        choices=("window", "arc"),
+        default="window",
+        help="futures: the next 32 steps as they happened (window), or that window's path "
+        "re-timed by arc length (arc, the reference's convention)",
+    )
+    p.add_argument("--frame-stride", type=int, default=1, help="frames between two future steps")
+    p.add_argument(
+        "--smooth-frames",
+        type=int,
+        default=5,
+        help="smooth tracks over this many frames before cutting futures (1: off)",
+    )
+
+
 def add_tracking_args(p) -> None:
     """Keypoint options shared by `mu0 extract` and `mu0 bench extract`."""
     p.add_argument("--points", type=int, default=96, help="live keypoints per frame")
@@ -24,8 +42,8 @@ def add_parser(sub) -> None:
         help="extract 3D point traces from RGB-D episodes (local processes or --ray)",
         description=(
             "Keypoints from motion saliency and feature clustering, Lucas-Kanade tracking "
-            "with forward-backward checks, lifting with depth and camera poses, arc-length "
-            "re-timing, motion segments and captions. SOURCE is a LeRobot v3 dataset with "
+            "with forward-backward checks, lifting with depth and camera poses, futures over "
+            "a fixed time window, motion segments and captions. SOURCE is a LeRobot v3 dataset with "
             "depth or a folder of RGB and depth frames with intrinsics.json."
         ),
     )
@@ -33,6 +51,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="trace dataset directory")
     p.add_argument("--episodes", default=None, help="comma-separated episode ids (default: all)")
     add_tracking_args(p)
+    add_target_args(p)
     p.add_argument("--stride", type=int, default=1, help="a sample every this many frames")
     p.add_argument("--tracker", default="lk", help="'lk' or 'package.module:factory'")
     p.add_argument("--captioner", default="rule", help="'rule' or 'package.module:factory'")
@@ -65,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         num_points=args.points,
         reseed_every=args.reseed_every,
         sample_stride=args.stride,
+        target=args.target,
+        frame_stride=args.frame_stride,
+        smooth_frames=args.smooth_frames,
         tracker=args.tracker,
         captioner=args.captioner,
     )
