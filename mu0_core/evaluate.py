@@ -43,8 +43,8 @@ class Predictor:
     ``noise_scale`` (flow models) overrides the checkpoint's sampler temperature.
 
     kind "labels" forecasts the extracted labels themselves (a lost track held where it was
-    last seen): scored against the simulator's truth, the best a model that learns those
-    labels perfectly could do."""
+    last seen); `evaluate_tally` scores them against the simulator's truth on the steps where
+    they exist: how far from the truth what a model learns from is."""
 
     def __init__(
         self, name: str, model=None, kind: str = "model", noise_scale: float | None = None
@@ -195,9 +195,13 @@ def evaluate_tally(
             if p.kind == "labels" and not has_truth:
                 continue  # labels scored against themselves say nothing
             pred = p(batch, seed + k)
+            if p.kind == "labels":
+                # Where the labels exist: how far what a model learns from is from the truth.
+                gt, gt_ok = truth
+                _add_scores(tally, p.name, pred, batch, gt, gt_ok & labels[1], prefix="")
+                continue
             _add_scores(tally, p.name, pred, batch, *(truth or labels), prefix="")
-            if p.kind != "labels":
-                _add_scores(tally, p.name, pred, batch, *labels, prefix="label_")
+            _add_scores(tally, p.name, pred, batch, *labels, prefix="label_")
             if num_samples_k > 1 and p.kind == "model" and p.model.objective == "flow":
                 preds = torch.stack(
                     [p(batch, seed + 1000 * (j + 1) + k) for j in range(num_samples_k)]

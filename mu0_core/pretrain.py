@@ -56,6 +56,9 @@ class PretrainConfig:
     save_every: int = 500
     normalization_batches: int = 32
     cache_features: bool = True
+    # Where the cache lives (default OUT/feature_cache); entries are keyed by content and
+    # encoder, so runs on the same data and frozen encoders can share one directory.
+    feature_cache_dir: str | None = None
     augment_images: bool = False  # colour jitter + depth noise on images (disables the cache)
     hist_mask_prob: float = 0.3  # share of points whose history is cut to a random length
     point_depth_noise_m: float = 0.002
@@ -351,10 +354,9 @@ def pretrain(
             m.requires_grad_(False)
     else:
         model = Mu0(model_cfg).to(device)
-    make_batch = BatchMaker(model, train_set, cfg, out / "feature_cache")
-    make_val = (
-        BatchMaker(model, val_set, cfg, out / "feature_cache") if val_set is not None else None
-    )
+    cache_dir = Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else out / "feature_cache"
+    make_batch = BatchMaker(model, train_set, cfg, cache_dir)
+    make_val = BatchMaker(model, val_set, cfg, cache_dir) if val_set is not None else None
     if not (resume and (last / "trainer_state.json").is_file()):
         # Every rank computes the same statistics over the same first batches.
         n = len(train_set)

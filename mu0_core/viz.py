@@ -14,6 +14,7 @@ def draw_traces(
     traces_uvz: np.ndarray,  # float[N, T, 3] normalised uv + depth
     path: str | Path,
     hist_uvz: np.ndarray | None = None,  # float[N, T_hist, 3]
+    hist_valid: np.ndarray | None = None,  # bool[N, T_hist]; None = all valid
     true_uvz: np.ndarray | None = None,  # float[N, T, 3]
     done: np.ndarray | None = None,  # bool[N, T]
     title: str = "",
@@ -46,7 +47,8 @@ def draw_traces(
     if hist_uvz is not None:
         hist_px = uv_to_pixels(np.asarray(hist_uvz)[..., :2], W, H)
         for n in range(hist_px.shape[0]):
-            ax.plot(hist_px[n, :, 0], hist_px[n, :, 1], "-", color="white", lw=1)
+            seen = np.ones(len(hist_px[n]), bool) if hist_valid is None else hist_valid[n]
+            ax.plot(hist_px[n, seen, 0], hist_px[n, seen, 1], "-", color="white", lw=1)
             ax.plot(*hist_px[n, -1], marker="+", ms=6, color="white")
     ax.set_xlim(-0.5, W - 0.5)
     ax.set_ylim(H - 0.5, -0.5)

@@ -246,3 +246,44 @@ def test_moving_points_and_their_own_metrics_in_evaluate():
     assert res["moving_fde3d_m_h32"] == pytest.approx(float(err0[-1]), rel=1e-4)
     # Over all points the still one halves it.
     assert res["ade3d_m_h32"] == pytest.approx(float(err0.mean()) / 2, rel=1e-4)
+
+
+def test_evaluate_scores_against_the_truth_and_the_labels_beside_it():
+    """With the simulator's truth in the batch, unprefixed figures are against it and
+    ``label_*`` against the extracted labels; the "labels" row is the labels scored against
+    the truth on the steps they exist."""
+    from mu0_core.evaluate import Predictor, evaluate
+    from mu0_core.types import TraceBatch
+
+    xyz = gt_xyz(B=2, N=3)
+    truth = to_uvz(xyz).float()
+    # Labels: the truth 1 cm off along x, and lost from step 16 on.
+    label_xyz = xyz.clone()
+    label_xyz[:, :, 1:, 0] += 0.01
+    labels = to_uvz(label_xyz).float()
+    label_valid = torch.ones(2, 3, 32, dtype=torch.bool)
+    label_valid[..., 16:] = False
+    hist = truth[:, :, :1].expand(2, 3, 8, 3).clone()
+    batch = TraceBatch(
+        hist_uvz=hist,
+        hist_valid=torch.ones(2, 3, 8, dtype=torch.bool),
+        future_uvz=labels,
+        future_valid=label_valid,
+        point_mask=torch.ones(2, 3, dtype=torch.bool),
+        intrinsics=INTR.float(),
+        image_size=SIZE,
+        instructions=["x", "x"],
+        gt_future_uvz=truth,
+        gt_future_valid=torch.ones(2, 3, 32, dtype=torch.bool),
+    )
+    res = evaluate(
+        [Predictor("static", kind="static"), Predictor("labels", kind="labels")], lambda: [batch]
+    )
+    static_err = (xyz - xyz[:, :, :1]).norm(dim=-1)  # [B, N, 32] against the truth
+    assert res["static"]["ade3d_m_h32"] == pytest.approx(float(static_err.mean()), rel=1e-3)
+    label_err = (label_xyz - xyz[:, :, :1]).norm(dim=-1)[..., :16]  # against the labels
+    assert res["static"]["label_ade3d_m_h32"] == pytest.approx(float(label_err.mean()), rel=1e-3)
+    # The labels are 1 cm from the truth on steps 1-15 (0 at step 0) where they exist.
+    assert res["labels"]["ade3d_m_h32"] == pytest.approx(0.01 * 15 / 16, rel=1e-3)
+    assert res["labels"]["fde3d_m_h32"] == pytest.approx(0.01, rel=1e-3)
+    assert res["static"]["scored_against_truth"] == 1.0

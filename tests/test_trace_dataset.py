@@ -38,10 +38,13 @@ def _episode(F=6, S=4, N=5, H=12, W=16, seed=0):
     return arrays, strings
 
 
-def _write(tmp_path, ids=("a", "b")):
+def _write(tmp_path, ids=("a", "b"), truth=False):
     metas = []
     for i, eid in enumerate(ids):
         arrays, strings = _episode(seed=i)
+        if truth:  # the simulator's truth: the labels a little off, known at every step
+            arrays["gt_future_uvz"] = arrays["future_uvz"] + np.float32(0.05)
+            arrays["gt_future_valid"] = np.ones_like(arrays["future_valid"])
         td.write_episode(tmp_path, eid, arrays, strings)
         metas.append(
             {
@@ -197,7 +200,8 @@ def test_eval_traces_end_to_end(tiny_model, tmp_path):
     from mu0_core.checkpoint import save_checkpoint
     from runtime.cli import main
 
-    _write(tmp_path / "data" / "heldout_seeds" / "lift")
+    _write(tmp_path / "data" / "heldout_seeds" / "lift", truth=True)
+    _write(tmp_path / "data" / "heldout_seeds" / "stack", ids=("d",), truth=True)
     _write(tmp_path / "data" / "robot_out" / "lift", ids=("c",))
     ckpt = save_checkpoint(tiny_model, tmp_path / "ckpt")
     common = ["eval-traces", "--data", str(tmp_path / "data"), "--checkpoint", f"mu0={ckpt}"]
@@ -205,9 +209,18 @@ def test_eval_traces_end_to_end(tiny_model, tmp_path):
     out = tmp_path / "out"
     assert main([*common, "--out", str(out), "--examples", "1", "--json", str(out / "h.json")]) == 0
     h32 = json.loads((out / "h.json").read_text())
-    assert {"static", "constant_velocity", "mu0"} <= set(h32)
+    assert {"static", "constant_velocity", "mu0", "labels"} <= set(h32)
     assert h32["mu0"]["ade3d_m"] > 0 and h32["mu0"]["fde3d_m"] >= 0
     assert list(h32["_splits"]) == ["heldout_seeds", "robot_out"]  # held-out seeds first
+    # Scored against the truth there, with the label-scored figures beside; per pair too.
+    seeds = h32["_splits"]["heldout_seeds"]
+    assert seeds["static"]["scored_against_truth"] == 1.0
+    assert seeds["static"]["ade3d_m_h32"] != seeds["static"]["label_ade3d_m_h32"]
+    assert seeds["labels"]["ade3d_m_h32"] > 0
+    assert sorted(h32["_pairs"]["heldout_seeds"]) == ["lift", "stack"]
+    # Without truth (robot_out): against the labels, and no labels row.
+    assert h32["_splits"]["robot_out"]["static"]["scored_against_truth"] == 0.0
+    assert "labels" not in h32["_splits"]["robot_out"]
     assert "robot_out" in (out / "table.md").read_text()
     assert list((out / "heldout_seeds").glob("example_*.png"))
 

@@ -60,6 +60,11 @@ def add_parser(sub) -> None:
         help="colour jitter and depth noise on images (turns the frozen-feature cache off)",
     )
     p.add_argument("--no-cache", action="store_true", help="do not cache frozen-encoder features")
+    p.add_argument(
+        "--feature-cache",
+        default=None,
+        help="frozen-feature cache directory (default OUT/feature_cache; runs may share one)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
     p.set_defaults(func=run)
@@ -129,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         augment_images=args.augment_images,
         cache_features=not args.no_cache,
+        feature_cache_dir=args.feature_cache,
         device=args.device,
     )
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports
