@@ -60,6 +60,11 @@ class TraceConfig:
         "uniform"  # uniform: C2; bezier: the reference's C0 joints
     )
     fit_smoothing: float = 1e-3
+    # What "done" means follows from the target: over a fixed window it marks the step from
+    # which the point's track is expected to be lost (occluded, out of view, past the end of
+    # the episode), not the end of its motion, so the forecast goes on past it; models trained
+    # on arc-length-re-timed segments (the reference's convention) hold still after it.
+    hold_after_done: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,8 @@ class Mu0Config:
             name=d.get("name", "custom"),
             backbone=_build(backbone_cls, backbone, "backbone"),
             expert=_build(ExpertConfig, d.get("expert", {}), "expert"),
-            trace=_build(TraceConfig, d.get("trace", {}), "trace"),
+            # Configs written before hold_after_done existed came from arc-length targets.
+            trace=_build(TraceConfig, {"hold_after_done": True, **d.get("trace", {})}, "trace"),
             train=_build(TrainConfig, d.get("train", {}), "train"),
         )
 

@@ -325,11 +325,12 @@ class Mu0(nn.Module):
             rel = torch.einsum("hc,bncd->bnhd", self.basis, ctrl)  # [B, N, H, 3]
         done = (done_logits > 0).cummax(dim=-1).values  # once done, stays done
         done[..., 0] = False  # "now" is never past the end
-        # Cut traces short: after the motion ends, hold the last position.
-        H = rel.shape[2]
-        steps_idx = torch.arange(H, device=rel.device).expand(B, N, H)
-        last_live = torch.where(done, torch.zeros_like(steps_idx), steps_idx).cummax(-1).values
-        rel = torch.gather(rel, 2, last_live[..., None].expand(B, N, H, 3))
+        if self.cfg.trace.hold_after_done:  # after the motion ends, hold the last position
+            H = rel.shape[2]
+            steps_idx = torch.arange(H, device=rel.device).expand(B, N, H)
+            last_live = torch.where(done, torch.zeros_like(steps_idx), steps_idx)
+            last_live = last_live.cummax(-1).values
+            rel = torch.gather(rel, 2, last_live[..., None].expand(B, N, H, 3))
         traces = cur[:, :, None] + rel
         xyz = uvz_to_xyz(traces, intrinsics, image_size)
         return {

@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 MU0=${MU0:-.venv/bin/mu0}
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
-# Episodes per pair by task: multi-phase tasks (Stack, PickPlaceCan) need more.
+# Episodes per pair by task (multi-phase tasks need more), or per pair as
+# EPISODES_<Task>_<Robot> (e.g. EPISODES_PickPlaceCan_UR5e=8).
 EPISODES_Lift=${EPISODES_Lift:-8}
 EPISODES_Stack=${EPISODES_Stack:-20}
 EPISODES_PickPlaceCan=${EPISODES_PickPlaceCan:-20}
@@ -28,16 +29,17 @@ STAGE=${1:-all}
 PAIRS=${PAIRS:-"Stack-UR5e Stack-Panda PickPlaceCan-Panda PickPlaceCan-UR5e Lift-Panda Lift-UR5e Lift-Kinova3 Stack-Kinova3"}
 
 collect_pair() {  # both stages resume: finished episodes are kept and skipped
-  local pair=$1 task=${1%-*} robot=${1#*-} n
-  n=EPISODES_$task
+  local pair=$1 task=${1%-*} robot=${1#*-} n m
+  n=EPISODES_${task}_${robot} m=EPISODES_$task
   "$MU0" collect --out "$DATA/episodes/train/$pair" --task "$task" --robot "$robot" \
-    --episodes "${!n:-8}" --seed 0 --image-size "$SIZE" "$SIZE" --only-success --quiet
+    --episodes "${!n:-${!m:-8}}" --seed 0 --image-size "$SIZE" "$SIZE" --only-success --quiet
 }
-extract_pair() {
-  "$MU0" extract "$DATA/episodes/train/$1" --out "$DATA/traces/train/$1" --workers 1 --quiet
+extract_pair() {  # a sample every STRIDE frames: neighbours are near-copies
+  "$MU0" extract "$DATA/episodes/train/$1" --out "$DATA/traces/train/$1" --workers 1 \
+    --stride "${STRIDE:-2}" --quiet
 }
 export -f collect_pair extract_pair
-export MU0 DATA SIZE EPISODES_Lift EPISODES_Stack EPISODES_PickPlaceCan
+export MU0 DATA SIZE STRIDE ${!EPISODES_*}
 
 if [[ $STAGE == collect || $STAGE == data || $STAGE == all ]]; then
   printf '%s\n' $PAIRS | xargs -P "$JOBS" -I{} bash -c 'collect_pair {}'
@@ -49,7 +51,9 @@ fi
 if [[ $STAGE == train || $STAGE == all ]]; then
   train=()
   for pair in $PAIRS; do train+=("$DATA/traces/train/$pair"); done
-  common=(--data "${train[@]}" --steps "$STEPS" --batch-size 16 --max-points 32 --eval-every 500 --save-every 500)
+  # Frozen-encoder features are the same for all four runs: one shared cache.
+  common=(--data "${train[@]}" --steps "$STEPS" --batch-size 16 --max-points 32 --eval-every 500
+    --save-every 500 --feature-cache "$RUNS/feature_cache")
   "$MU0" pretrain "${common[@]}" --out "$RUNS/tiny"
   "$MU0" pretrain "${common[@]}" --out "$RUNS/tiny-bezier" --knots bezier
   "$MU0" pretrain "${common[@]}" --out "$RUNS/tiny-regression" --objective regression

@@ -28,7 +28,7 @@ def _cmd(out: Path, *extra: str) -> list[str]:
         "--robots",
         "Panda,UR5e",
         "--conditions",
-        "no_trace",
+        "no_trace,static_trace",
         "--videos",
         "0",
         "--out",
@@ -70,8 +70,7 @@ def test_eval_policy_writes_results_for_every_robot(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     assert {(r["robot"], r["condition"]) for r in results} == {
-        ("Panda", "no_trace"),
-        ("UR5e", "no_trace"),
+        (robot, c) for robot in ("Panda", "UR5e") for c in ("no_trace", "static_trace")
     }
     for r in results:
         assert r["task"] == "Lift" and r["episodes"] == 1 and r["mean_steps"] <= 4

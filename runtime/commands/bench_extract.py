@@ -164,6 +164,7 @@ def summarise_labels(parts: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("ade_mm", "fde_mm", "static_ade_mm"):
         out[f"{key.removesuffix('_mm')}_mean_mm"] = stat(cat[key], np.mean)
         out[f"{key.removesuffix('_mm')}_median_mm"] = stat(cat[key], np.median)
+    out["ade_p90_mm"] = stat(cat["ade_mm"], lambda x: np.percentile(x, 90))
     out["label_end_disp_median_mm"] = stat(cat["label_disp_mm"], np.median)
     out["truth_end_disp_median_mm"] = stat(cat["truth_disp_mm"], np.median)
     # Share of the moving points' true future steps the labels keep (the rest were lost).
@@ -252,6 +253,7 @@ def label_table(labels: dict[str, dict[str, Any]]) -> str:
     cols = [
         ("ade_median_mm", "ADE median"),
         ("ade_mean_mm", "ADE mean"),
+        ("ade_p90_mm", "ADE p90"),
         ("fde_median_mm", "FDE median"),
         ("fde_mean_mm", "FDE mean"),
         ("static_ade_mean_mm", "no-motion ADE mean"),
