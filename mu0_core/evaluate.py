@@ -86,6 +86,8 @@ def hold_last_valid(traces: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 # A point "moves" when its true position gets this far from where it is now within the horizon.
 MOVING_THRESHOLD_M = 0.02
+# trace_dataset's gt_part codes (mu0_core.extract.pipeline.body_parts).
+PART_CODES = {"scene": 0, "robot": 1, "gripper": 2, "object": 3}
 
 
 def moving_points(
@@ -127,6 +129,11 @@ class Tally:
     def __init__(self):
         self.sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.weights: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        # Per-point values whose median is reported (key + "_median").
+        self.values: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+
+    def collect(self, name: str, key: str, values) -> None:
+        self.values[name][key].extend(float(v) for v in values)
 
     def add(self, name: str, key: str, value: float, weight: float) -> None:
         if np.isfinite(value) and weight > 0:
@@ -138,13 +145,22 @@ class Tally:
             for key, v in other.sums[name].items():
                 self.sums[name][key] += v
                 self.weights[name][key] += other.weights[name][key]
+        for name in other.values:
+            for key, vals in other.values[name].items():
+                self.values[name][key].extend(vals)
         return self
 
     def means(self) -> dict[str, dict[str, float]]:
-        return {
+        out = {
             name: {k: v / self.weights[name][k] for k, v in sums.items()}
             for name, sums in self.sums.items()
         }
+        for name, per in self.values.items():
+            for key, vals in per.items():
+                if vals:
+                    out.setdefault(name, {})[f"{key}_median"] = float(np.median(vals))
+                    out[name][f"{key}_count"] = float(len(vals))
+        return out
 
 
 def _add_scores(
@@ -163,7 +179,11 @@ def _add_scores(
     tally.add(name, prefix + "moving_share", float(moving.sum()) / max(n_pts, 1.0), n_pts)
     for key, v in _shape_metrics(pred, target, valid, batch).items():
         tally.add(name, prefix + key, v, n_pts)
-    for sub, mask in (("", batch.point_mask), ("moving_", moving)):
+    subsets = [("", batch.point_mask), ("moving_", moving)]
+    if batch.gt_part is not None and not prefix:  # by the body each point lies on (truth)
+        for part in ("gripper", "object"):
+            subsets.append((f"{part}_moving_", moving & (batch.gt_part == PART_CODES[part])))
+    for sub, mask in subsets:
         if sub and not bool(mask.any()):
             continue
         per = trace_metrics(
@@ -174,6 +194,27 @@ def _add_scores(
                 continue
             w = per.get(f"num_points_h{key.rsplit('_h', 1)[-1]}", n_pts) if "_h" in key else n_pts
             tally.add(name, prefix + sub + key, v, float(w))
+
+
+def _end_displacements(
+    tally: Tally, name: str, pred: torch.Tensor, batch: TraceBatch, target, valid
+) -> None:
+    """Forecast and true 3D displacement (m) from now to the horizon's last true step, per
+    moving gripper point: how far the forecast carries the gripper against how far it goes."""
+    moving = moving_points(batch, future_uvz=target, future_valid=valid)
+    grip = moving & (batch.gt_part == PART_CODES["gripper"])
+    if not bool(grip.any()):
+        return
+    H = target.shape[2]
+    last = torch.where(valid.bool(), torch.arange(H), torch.zeros(H, dtype=torch.long))
+    last = last.amax(-1)  # [B, N]
+    idx = last[..., None, None].expand(-1, -1, 1, 3)
+    xyz = lambda x: uvz_to_xyz(x, batch.intrinsics, batch.image_size)  # noqa: E731
+    cur = xyz(batch.hist_uvz[:, :, -1])
+    pred_end = xyz(torch.gather(pred, 2, idx)[:, :, 0])
+    true_end = xyz(torch.gather(target, 2, idx)[:, :, 0])
+    tally.collect(name, "gripper_pred_end_disp_m", (pred_end - cur).norm(dim=-1)[grip].tolist())
+    tally.collect(name, "gripper_true_end_disp_m", (true_end - cur).norm(dim=-1)[grip].tolist())
 
 
 def evaluate_tally(
@@ -202,6 +243,8 @@ def evaluate_tally(
                 continue
             _add_scores(tally, p.name, pred, batch, *(truth or labels), prefix="")
             _add_scores(tally, p.name, pred, batch, *labels, prefix="label_")
+            if has_truth and batch.gt_part is not None:
+                _end_displacements(tally, p.name, pred, batch, *truth)
             if num_samples_k > 1 and p.kind == "model" and p.model.objective == "flow":
                 preds = torch.stack(
                     [p(batch, seed + 1000 * (j + 1) + k) for j in range(num_samples_k)]
@@ -242,9 +285,11 @@ TABLE_COLUMNS = [
     ("moving_share", "moving pts %", 100.0),
     ("moving_ade3d_m_h32", "moving ADE3D@32 mm", 1e3),
     ("moving_fde3d_m_h32", "moving FDE3D@32 mm", 1e3),
+    ("gripper_moving_ade3d_m_h32", "gripper moving ADE3D@32 mm", 1e3),
+    ("object_moving_ade3d_m_h32", "object moving ADE3D@32 mm", 1e3),
+    ("gripper_pred_end_disp_m_median", "gripper end disp. median mm", 1e3),
+    ("gripper_true_end_disp_m_median", "true: mm", 1e3),
     ("label_moving_ade3d_m_h32", "vs labels: moving ADE3D@32 mm", 1e3),
-    ("dtw3d_m", "DTW mm", 1e3),
-    ("frechet3d_m", "Fréchet mm", 1e3),
 ]
 
 

@@ -28,6 +28,7 @@ Arrays of one episode (F frames, S samples, N points):
     sample_segment int64[S]
     gt_future_uvz  float32[S, N, 32, 3]      optional: the simulator's truth for the same points
     gt_future_valid bool[S, N, 32]           with it: where that truth is known
+    gt_part        uint8[S, N]               with it: 0 scene, 1 arm, 2 gripper, 3 object
 
 Writes are atomic (a temporary file renamed into place), so an interrupted extraction never
 leaves a half-written episode; reading is lazy (``safe_open`` per item, slicing one frame and
@@ -59,6 +60,7 @@ PER_POINT_KEYS = (
     "moving",
     "gt_future_uvz",
     "gt_future_valid",
+    "gt_part",
 )
 
 FORMAT = "mu0-traces"
@@ -86,6 +88,7 @@ REQUIRED_ARRAYS: dict[str, np.dtype] = {
 OPTIONAL_ARRAYS: dict[str, np.dtype] = {
     "gt_future_uvz": np.dtype(np.float32),
     "gt_future_valid": np.dtype(bool),
+    "gt_part": np.dtype(np.uint8),
 }
 
 
@@ -144,6 +147,7 @@ def _check_arrays(episode_id: str, arrays: dict[str, np.ndarray]) -> None:
         "sample_segment": (S,),
         "gt_future_uvz": (S, N, horizon, 3),
         "gt_future_valid": (S, N, horizon),
+        "gt_part": (S, N),
     }
     for key, shape in expected.items():
         if key in arrays and tuple(arrays[key].shape) != shape:
@@ -405,5 +409,10 @@ def collate_traces(
         ),
         gt_future_valid=(
             torch.from_numpy(gather("gt_future_valid", False, bool)) if has_truth else None
+        ),
+        gt_part=(
+            torch.from_numpy(gather("gt_part", 0, np.int64))
+            if all("gt_part" in it for it in items)
+            else None
         ),
     )

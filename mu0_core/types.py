@@ -45,6 +45,7 @@ class TraceBatch:
     # Evaluation only: the simulator's truth for the same points, where the data has it.
     gt_future_uvz: Tensor | None = None  # float32[B, N, H, 3] absolute
     gt_future_valid: Tensor | None = None  # bool[B, N, H]
+    gt_part: Tensor | None = None  # int64[B, N] 0 scene, 1 arm, 2 gripper, 3 object
 
     @property
     def batch_size(self) -> int:

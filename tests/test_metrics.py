@@ -275,6 +275,7 @@ def test_evaluate_scores_against_the_truth_and_the_labels_beside_it():
         instructions=["x", "x"],
         gt_future_uvz=truth,
         gt_future_valid=torch.ones(2, 3, 32, dtype=torch.bool),
+        gt_part=torch.tensor([[2, 3, 0]] * 2),  # gripper, object, scene
     )
     res = evaluate(
         [Predictor("static", kind="static"), Predictor("labels", kind="labels")], lambda: [batch]
@@ -287,3 +288,13 @@ def test_evaluate_scores_against_the_truth_and_the_labels_beside_it():
     assert res["labels"]["ade3d_m_h32"] == pytest.approx(0.01 * 15 / 16, rel=1e-3)
     assert res["labels"]["fde3d_m_h32"] == pytest.approx(0.01, rel=1e-3)
     assert res["static"]["scored_against_truth"] == 1.0
+    # By part: point 0 is on the gripper, point 1 on an object.
+    per_point = static_err.mean(-1)  # [B, N]
+    assert res["static"]["gripper_moving_ade3d_m_h32"] == pytest.approx(
+        float(per_point[:, 0].mean()), rel=1e-3
+    )
+    true_end = static_err[:, 0, -1]
+    assert res["static"]["gripper_true_end_disp_m_median"] == pytest.approx(
+        float(true_end.median()), rel=1e-3
+    )
+    assert res["static"]["gripper_pred_end_disp_m_median"] == pytest.approx(0.0, abs=1e-6)

@@ -274,8 +274,8 @@ def build_samples(
     valid; ``point_mask`` marks the points with a known position at t (the queries).
 
     truth: the simulator's, for evaluation only: {"body_pose" [F, B, 7], "segmentation"
-    [F, H, W] or absent, "uv_px" [F, N, 2] the tracks}; adds ``gt_future_uvz`` and
-    ``gt_future_valid`` (see ``truth_targets``)."""
+    [F, H, W] or absent, "uv_px" [F, N, 2] the tracks, "body_part" uint8[B] or absent};
+    adds ``gt_future_uvz``, ``gt_future_valid`` and ``gt_part`` (see ``truth_targets``)."""
     F, N, _ = xyz_world.shape
     T_h, Hz = config.history_steps, config.horizon
     H, W = ep.depth_m.shape[1:]
@@ -300,6 +300,7 @@ def build_samples(
     if truth is not None:
         out["gt_future_uvz"] = np.zeros((S, N, Hz, 3), np.float32)
         out["gt_future_valid"] = np.zeros((S, N, Hz), bool)
+        out["gt_part"] = np.zeros((S, N), np.uint8)
     if S == 0:
         return out
     filled = np.nan_to_num(xyz_world)  # invalid steps are masked; keep the arithmetic finite
@@ -320,9 +321,38 @@ def build_samples(
     fut, fut_ok = future_targets(ep, xyz_world, valid, t_arr, out["point_mask"], config)
     out["future_uvz"], out["future_valid"] = fut, fut_ok
     if truth is not None:
-        out["gt_future_uvz"], out["gt_future_valid"] = truth_targets(
+        out["gt_future_uvz"], out["gt_future_valid"], out["gt_part"] = truth_targets(
             ep, xyz_world, t_arr, out["point_mask"], truth, fut_ok, config
         )
+    return out
+
+
+# What a simulator body is, for scoring forecasts by part (``gt_part``).
+PART_SCENE, PART_ROBOT, PART_GRIPPER, PART_OBJECT = 0, 1, 2, 3
+PART_NAMES = {
+    PART_SCENE: "scene",
+    PART_ROBOT: "robot",
+    PART_GRIPPER: "gripper",
+    PART_OBJECT: "object",
+}
+
+
+def body_parts(body_names: list[str], num_bodies: int) -> np.ndarray:
+    """uint8[B] the part each body is, from robosuite's naming: ``gripper*`` and ``*_hand``
+    the gripper, ``robot*`` the arm, the world, table, mounts and targets the scene, and every
+    other body an object (cubes, the can, the door)."""
+    out = np.full(num_bodies, PART_SCENE, np.uint8)
+    for i, name in enumerate(body_names[:num_bodies]):
+        if name.startswith("gripper") or name.endswith("_hand"):
+            out[i] = PART_GRIPPER
+        elif name.startswith("robot"):
+            out[i] = PART_ROBOT
+        elif not (
+            name in ("world", "table")
+            or name.startswith(("fixed_mount", "mount"))
+            or name.endswith("_target")
+        ):
+            out[i] = PART_OBJECT
     return out
 
 
@@ -400,12 +430,14 @@ def truth_targets(
     point's position at t (as extracted) attached to the body seen at its pixel at t and
     moved rigidly with that body over the window. Valid wherever the window is inside the
     episode (the truth does not get lost); for ``target="arc"`` over the same steps as the
-    label, so both re-time the same stretch of time."""
+    label, so both re-time the same stretch of time. Returns (uvz, valid, part uint8[S, N]
+    of the body each point is attached to, ``body_parts``' codes)."""
     F = len(xyz_world)
     idx, inside = future_frames(t_arr, F, config.horizon, config.frame_stride)
     body_pose, seg, uv_px = truth["body_pose"], truth.get("segmentation"), truth["uv_px"]
     x0 = np.nan_to_num(xyz_world[t_arr])  # [S, N, 3]
     world = np.repeat(x0[:, None], config.horizon, axis=1)  # [S, Hz, N, 3]
+    part = np.zeros(known.shape, np.uint8)
     for i, t in enumerate(t_arr):
         n = np.flatnonzero(known[i])
         if len(n) == 0:
@@ -413,6 +445,8 @@ def truth_targets(
         body = attach_to_bodies(
             uv_px[t, n], x0[i, n], body_pose[t], None if seg is None else seg[t]
         )
+        if "body_part" in truth:
+            part[i, n] = truth["body_part"][body]
         T_t = body_pose_matrices(body_pose[t, body])  # [M, 4, 4]
         p_body = transform_points(invert_transform(T_t), x0[i, n])  # [M, 3]
         T_f = body_pose_matrices(body_pose[idx[i]][:, body])  # [Hz, M, 4, 4]
@@ -422,7 +456,7 @@ def truth_targets(
     ok = inside[..., None] & known[:, None, :]
     if config.target == "arc":
         ok = ok & np.swapaxes(label_valid, 1, 2)
-    return _cut(ep, world, ok, t_arr, config, prefix_only=False)
+    return (*_cut(ep, world, ok, t_arr, config, prefix_only=False), part)
 
 
 def pack_samples(samples: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -603,7 +637,11 @@ def cut_samples(
     ep = traces.episode
     truth = None
     if ep.sim is not None:
-        truth = {"body_pose": ep.sim.body_pose, "uv_px": traces.uv_px}
+        truth = {
+            "body_pose": ep.sim.body_pose,
+            "uv_px": traces.uv_px,
+            "body_part": body_parts(ep.sim.body_names, ep.sim.body_pose.shape[1]),
+        }
         if ep.sim.segmentation is not None:
             truth["segmentation"] = ep.sim.segmentation
     samples = build_samples(
