@@ -105,7 +105,7 @@ def test_layout_resume_and_interrupt(tmp_path, env, monkeypatch):
 
 def test_extract_from_recording_attaches_truth(tmp_path, env):
     from mu0_core.extract.pipeline import ExtractConfig, extract_episode
-    from runtime.commands.bench_extract import track_errors
+    from runtime.commands.bench_extract import label_errors, track_errors
 
     root = tmp_path / "ds"
     collect(
@@ -119,6 +119,15 @@ def test_extract_from_recording_attaches_truth(tmp_path, env):
     assert "gt_future_uvz" in traces.arrays()
     errors = track_errors(traces)
     assert len(errors["px"]) > 0 and np.median(errors["px"]) < 2.0
+    # The labels of the points that move (the arm reaching for the cube) against the truth:
+    # millimetres, far closer than "no motion"; and those points lie on the robot's bodies.
+    labels = label_errors(traces)
+    assert labels["moving_points"] > 0 and len(labels["ade_mm"]) > 0
+    assert np.median(labels["ade_mm"]) < 5.0
+    assert np.median(labels["ade_mm"]) < 0.5 * np.median(labels["static_ade_mm"])
+    s = traces.samples
+    parts = s["gt_part"][s["point_mask"]]
+    assert {1, 2} & set(parts.tolist()) and 0 in parts  # arm or gripper, and the scene
 
 
 def test_only_success_stops_when_the_demonstrator_keeps_failing(tmp_path, env, monkeypatch):

@@ -168,8 +168,9 @@ def summarise_labels(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out["label_end_disp_median_mm"] = stat(cat["label_disp_mm"], np.median)
     out["truth_end_disp_median_mm"] = stat(cat["truth_disp_mm"], np.median)
     # Share of the moving points' true future steps the labels keep (the rest were lost).
-    w = np.array([p["moving_points"] for p in parts], np.float64)
-    cov = np.array([p["coverage"] for p in parts])
+    with_cov = [p for p in parts if p["coverage"] is not None]
+    w = np.array([p["moving_points"] for p in with_cov], np.float64)
+    cov = np.array([p["coverage"] for p in with_cov])
     out["coverage"] = float((cov * w).sum() / w.sum()) if w.sum() else None
     return out
 
@@ -212,7 +213,10 @@ def evaluate(
         seconds += time.perf_counter() - start
         for name, fields in kinds.items():
             samples, _ = cut_samples(traces, dataclasses.replace(config, **fields))
-            labels[name].append(label_errors(traces, samples))
+            part = label_errors(traces, samples)
+            if fields.get("target") == "arc":  # its truth covers the label's steps only
+                part["coverage"] = None
+            labels[name].append(part)
         frames += ep.num_frames
         e = track_errors(traces)
         px.append(e["px"])
