@@ -62,13 +62,17 @@ def run(fixture: Path) -> dict[str, float]:
             pm = y["prefix_pad_mask"][..., None]
             errors["prefix_embs"] = float((np.abs(p - y["prefix_embs"]) * pm).max())
             if "dino_feat" in out:
-                errors["dino_feat"] = float(np.abs(out["dino_feat"].cpu().numpy() - y["dino_feat"]).max())
+                errors["dino_feat"] = float(
+                    np.abs(out["dino_feat"].cpu().numpy() - y["dino_feat"]).max()
+                )
     return errors
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("fixture", type=Path, help="directory with release/, vlm/, dino/, inputs.npz, outputs.npz")
+    parser.add_argument(
+        "fixture", type=Path, help="directory with release/, vlm/, dino/, inputs.npz, outputs.npz"
+    )
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
     args = parser.parse_args(argv)
     errors = run(args.fixture)

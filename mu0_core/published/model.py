@@ -227,7 +227,9 @@ class PublishedMu0(nn.Module):
             )
         n_exp = cfg.num_expert_layers if cfg.num_expert_layers > 0 else n_vlm
         if n_vlm % n_exp:
-            raise ValueError(f"num_vlm_layers={n_vlm} is not a multiple of num_expert_layers={n_exp}")
+            raise ValueError(
+                f"num_vlm_layers={n_vlm} is not a multiple of num_expert_layers={n_exp}"
+            )
         if "cross" not in cfg.attention_mode:
             raise ValueError(f"attention_mode={cfg.attention_mode!r}: only cross_attn is ported")
         self.num_vlm_layers, self.num_expert_layers = n_vlm, n_exp
@@ -479,7 +481,10 @@ class PublishedMu0(nn.Module):
         x = torch.cat([xh, xf], dim=2)  # (B, N, G, d)
         x = x + self.trace_time_embedding(torch.arange(G, device=dev))
         seg = torch.cat(
-            [torch.zeros(Gh, dtype=torch.long, device=dev), torch.ones(Gf, dtype=torch.long, device=dev)]
+            [
+                torch.zeros(Gh, dtype=torch.long, device=dev),
+                torch.ones(Gf, dtype=torch.long, device=dev),
+            ]
         )
         x = x + self.trace_seg_embedding(seg)
         pos = self.trace_uv_pos_mlp(fourier_uv(uv_ref, cfg.trace_uv_num_freqs))

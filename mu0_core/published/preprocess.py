@@ -67,7 +67,9 @@ def rgb_to_tensor(rgb: np.ndarray | Tensor) -> Tensor:
     """uint8 or float [0, 1] images [B, H, W, 3] or [B, 3, H, W] -> float32[B, 3, H, W] in [0, 1]."""
     x = torch.as_tensor(np.asarray(rgb))
     if x.ndim != 4:
-        raise ValueError(f"images must be batched [B, H, W, 3] or [B, 3, H, W], got {tuple(x.shape)}")
+        raise ValueError(
+            f"images must be batched [B, H, W, 3] or [B, 3, H, W], got {tuple(x.shape)}"
+        )
     if x.shape[-1] == 3 and x.shape[1] != 3:
         x = x.permute(0, 3, 1, 2)
     if x.dtype == torch.uint8:

@@ -47,7 +47,10 @@ KEY_MAP: list[tuple[str, str]] = [
 # Inside the vision tower: PEFT's adapter names and the stem the depth pass swaps.
 _VISION_FIXES = [
     (r"\.lora_([AB])\.default\.", r".lora_\1."),
-    (r"^vision\.embeddings\.patch_embedding\.(weight|bias)$", r"vision.embeddings.patch_embedding.rgb.\1"),
+    (
+        r"^vision\.embeddings\.patch_embedding\.(weight|bias)$",
+        r"vision.embeddings.patch_embedding.rgb.\1",
+    ),
 ]
 # transformers renamed DINOv2's attention weights after 5.3 (the release's naming); applied
 # only when the installed version's model has the new names.
@@ -100,6 +103,18 @@ def _ignored_reason(ref_key: str) -> str | None:
         if re.match(pattern, k):
             return reason
     return None
+
+
+def is_release_dir(path: str | Path) -> bool:
+    """True for a published-μ0 release (LeRobot ``final_ckpt/``), not one of our checkpoints."""
+    path = Path(path)
+    for cfg in (path / "final_ckpt" / "config.json", path / "config.json"):
+        if cfg.is_file():
+            try:
+                return json.loads(cfg.read_text()).get("type") == "smolvla"
+            except (json.JSONDecodeError, AttributeError):
+                return False
+    return False
 
 
 def _find_files(release_dir: Path) -> tuple[Path, Path, Path]:
@@ -277,7 +292,9 @@ def load_release(
     dino_config = None
     if cfg.use_dino:
         if dino_dir is None:
-            raise ReleaseError("this release uses DINOv2 features: give --dino-dir (dinov2-base config)")
+            raise ReleaseError(
+                "this release uses DINOv2 features: give --dino-dir (dinov2-base config)"
+            )
         dino_config = _load_config(Path(dino_dir), "dinov2-base", "--dino-dir")
 
     with torch.device("meta"):
@@ -314,7 +331,11 @@ def load_release(
                     f"{weights_path.name}: {ref_key!r} is {tensor.dtype}, expected a float tensor"
                 )
             digest.update(ref_key.encode())
-            digest.update(tensor.float().numpy().tobytes() if tensor.dtype == torch.bfloat16 else tensor.numpy().tobytes())
+            digest.update(
+                tensor.float().numpy().tobytes()
+                if tensor.dtype == torch.bfloat16
+                else tensor.numpy().tobytes()
+            )
             loaded[key] = tensor.to(want.dtype)
     missing = sorted(set(expected) - set(loaded))
     if missing:

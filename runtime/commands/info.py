@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+
+from runtime.serve import add_release_args, load_published
 
 
 def add_parser(sub) -> None:
@@ -13,6 +16,7 @@ def add_parser(sub) -> None:
     src.add_argument("--checkpoint", default=None, help="a μ0 checkpoint directory")
     p.add_argument("--list", action="store_true", help="list the model presets and exit")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_release_args(p)
     p.set_defaults(func=run)
 
 
@@ -39,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(list_model_presets()))
         return 0
+    from mu0_core.published.release import is_release_dir
+
+    if args.checkpoint and is_release_dir(args.checkpoint):
+        return _run_published(args)
     model, source, meta = load_model_from_args(args)
     counts = model.count_parameters()
     summary = {
@@ -77,4 +85,49 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['euler_steps']} Euler steps from N(0, {summary['noise_scale']:g}²)"
     )
     print(f"  units: {summary['units']}")
+    return 0
+
+
+def _run_published(args: argparse.Namespace) -> int:
+    """`mu0 info --checkpoint RELEASE_DIR --vlm-dir ... --dino-dir ...`."""
+    rel = load_published(args).release
+    model = rel.model
+    groups = {
+        "vision (SigLIP + depth stem + LoRA)": model.vision,
+        "connector": model.connector,
+        "vlm text layers": model.vlm_layers,
+        "token embedding": model.embed_tokens,
+        "expert": model.expert_layers,
+        "dinov2 (bf16)": model.dino,
+    }
+    total = sum(p.numel() for p in model.parameters())
+    summary = {
+        "source": f"published μ0 release {args.checkpoint}",
+        "model_hash": rel.content_hash,
+        "params": {"total": total, "trainable": 0, "frozen": total},
+        "modules": {k: sum(p.numel() for p in m.parameters()) for k, m in groups.items() if m},
+        "tensors_used": len(rel.used_keys),
+        "tensors_ignored": rel.ignored_keys,
+        "horizon": rel.cfg.future_len,
+        "history_steps": rel.cfg.history_len,
+        "control_points": rel.cfg.trace_bspline_n_ctrl,
+        "knots": "bezier (C0, the reference's)",
+        "euler_steps": rel.cfg.num_steps,
+        "config": dataclasses.asdict(rel.cfg),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"μ0 — {summary['source']} (hash {rel.content_hash})")
+    print(f"  parameters: {total / 1e6:.2f}M, all frozen")
+    for name, n in summary["modules"].items():
+        print(f"  {name}: {n / 1e6:.2f}M")
+    print(
+        f"  tensors: {len(rel.used_keys)} loaded, {len(rel.ignored_keys)} ignored on purpose "
+        f"({', '.join(sorted(set(rel.ignored_keys.values())))})"
+    )
+    print(
+        f"  traces: {rel.cfg.history_len} past steps → {rel.cfg.trace_bspline_n_ctrl} control "
+        f"points (C0 B-spline) → horizon {rel.cfg.future_len}, {rel.cfg.num_steps} Euler steps"
+    )
     return 0
