@@ -32,6 +32,8 @@ def bench_preset(
     num_steps: int = 4,
     device: str = "cpu",
 ) -> dict[str, Any]:
+    if getattr(cfg, "kind", None) == "published":
+        return bench_published(cfg, queries, repeats, min(warmup, 1), num_steps, device)
     from mu0_core.model import Mu0
 
     t0 = time.perf_counter()
@@ -72,6 +74,64 @@ def bench_preset(
         t = time.perf_counter()
         model.backbone._encode_text(["a new instruction nobody used before"], torch.device(device))
         out["text_encode_ms"] = round(1e3 * (time.perf_counter() - t), 2)
+    del model
+    gc.collect()
+    return out
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def bench_published(
+    preset,
+    queries: tuple[int, ...] = (16, 64),
+    repeats: int = 3,
+    warmup: int = 1,
+    num_steps: int = 4,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The published architecture (``paper``) with random weights: parameter count and
+    ``PublishedMu0.sample`` latency on one 512 px RGB-D frame (prefix, DINOv2, Euler steps;
+    camera preprocessing excluded). fp32 on CPU, bf16 autocast on CUDA, DINOv2 bf16 always."""
+    from mu0_core.published.preset import build_random, describe, dummy_inputs, parameter_counts
+
+    t0 = time.perf_counter()
+    model = build_random(preset, device)
+    build_s = time.perf_counter() - t0
+    counts = parameter_counts(model)
+    out: dict[str, Any] = {
+        "params_total": counts["total"],
+        "params_trainable": counts["trainable"],
+        "params_frozen": counts["frozen"],
+        "build_s": round(build_s, 2),
+        "device": device,
+        "num_steps": num_steps,
+        "random_weights": True,
+        "architecture": "published μ0 (mu0_core/published)",
+        **describe(model),
+    }
+    for q in queries:
+        inputs = dummy_inputs(model, q, seed=q)
+        for _ in range(warmup):
+            model.sample(**inputs, num_steps=num_steps)
+        times = []
+        for _ in tqdm(range(repeats), desc=f"{preset.name} q{q}", leave=False):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.sample(**inputs, num_steps=num_steps)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        p50, p90 = _percentiles(times)
+        out[f"sample_ms_p50_q{q}"] = round(p50, 2)
+        out[f"sample_ms_p90_q{q}"] = round(p90, 2)
+    if device.startswith("cuda"):
+        out["gpu_peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out["peak_rss_gb"] = round(_peak_rss_gb(), 2)
     del model
     gc.collect()
     return out

@@ -189,10 +189,10 @@ def _load_model(args: argparse.Namespace):
         )
     if args.preset is not None:
         # An untrained preset: right shapes and real latency, meaningless traces.
-        from configs import get_model_config
+        from configs.models import trainable_config
         from mu0_core.model import Mu0
 
-        model = Mu0(get_model_config(args.preset)).to(args.device).eval()
+        model = Mu0(trainable_config(args.preset)).to(args.device).eval()
         return Mu0TraceModel(model, noise_scale=args.noise_scale)
     raise SystemExit(
         "mu0 serve: give --checkpoint PATH (or --preset NAME / --trivial for stand-ins)"

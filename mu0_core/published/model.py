@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,42 +30,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from mu0_core.bspline import basis_matrix, make_knots
-
-
-@dataclass(frozen=True)
-class PublishedConfig:
-    """The release's ``config.json`` fields the model needs (names as the reference spells them)."""
-
-    history_len: int = 8
-    future_len: int = 32
-    trace_group_horizon: int = 8
-    trace_bspline_n_ctrl: int = 10
-    trace_bspline_ctrl_per_token: int = 10
-    trace_uv_num_freqs: int = 8
-    trace_adaln_freq_embed_size: int = 256
-    min_period: float = 4e-3
-    max_period: float = 4.0
-    num_steps: int = 4
-    num_vlm_layers: int = 20
-    num_expert_layers: int = -1
-    self_attn_every_n_layers: int = 2
-    expert_width_multiplier: float = 0.5
-    attention_mode: str = "cross_attn"
-    use_depth: bool = True
-    depth_lora_rank: int = 8
-    depth_lora_alpha: int = 16
-    depth_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-    depth_clone_stem: bool = True
-    use_dino: bool = True
-    dino_input_size: int = 224
-    dino_num_prefix_tokens: int = 1
-    trace_done_head: bool = True
-    done_threshold: float = 0.5
-    add_image_special_tokens: bool = False
-    prefix_length: int = -1
-    tokenizer_max_length: int = 48
-    image_size: int = 512  # resize_imgs_with_padding (square)
-    delta_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+from mu0_core.published.config import PublishedConfig
 
 
 def expert_intermediate_size(hidden: int, multiplier: int = 4, multiple_of: int = 256) -> int:

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from mu0_core.published import preprocess
-from mu0_core.published.model import PublishedConfig, PublishedMu0
+from mu0_core.published.config import PublishedConfig
+from mu0_core.published.model import PublishedMu0
 
 
 class ReleaseError(ValueError):
@@ -147,8 +148,15 @@ def read_config(config_path: Path, stats: dict) -> PublishedConfig:
     size = raw.get("resize_imgs_with_padding")
     if not size or size[0] != size[1]:
         raise ReleaseError(f"{config_path}: resize_imgs_with_padding must be square, got {size}")
-    known = {f.name for f in dataclasses.fields(PublishedConfig)}
-    values = {k: raw[k] for k in known if k in raw}
+    # LeRobot writes every field; a missing one would silently take our default, not the
+    # reference's, so refuse it.
+    needed = {f.name for f in dataclasses.fields(PublishedConfig)} - {"image_size", "delta_scale"}
+    missing = sorted(needed - raw.keys())
+    if missing:
+        raise ReleaseError(
+            f"{config_path} lacks {missing}: use the config.json shipped with the release"
+        )
+    values = {k: raw[k] for k in needed}
     for k in ("depth_lora_targets",):
         if k in values:
             values[k] = tuple(values[k])
@@ -346,7 +354,7 @@ def load_release(
         )
     model = model.to_empty(device="cpu")
     model.load_state_dict(loaded, strict=True, assign=False)
-    _reset_buffers(model)  # the non-persistent ones were built on the meta device
+    reset_buffers(model)  # the non-persistent ones were built on the meta device
     model = model.to(device).eval().requires_grad_(False)
 
     image_tokens = None
@@ -367,7 +375,7 @@ def load_release(
     )
 
 
-def _reset_buffers(model: PublishedMu0) -> None:
+def reset_buffers(model: PublishedMu0) -> None:
     from mu0_core.published.model import reference_basis
 
     cfg = model.cfg

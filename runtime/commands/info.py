@@ -22,14 +22,14 @@ def add_parser(sub) -> None:
 
 def load_model_from_args(args: argparse.Namespace, device: str = "cpu"):
     """A model from --checkpoint, else a freshly initialised --preset (random trainable weights)."""
-    from configs import get_model_config
+    from configs.models import trainable_config
     from mu0_core.checkpoint import load_checkpoint
     from mu0_core.model import Mu0
 
     if args.checkpoint:
         model, meta = load_checkpoint(args.checkpoint, device)
         return model, f"checkpoint {args.checkpoint}", meta
-    cfg = get_model_config(args.preset or "tiny")
+    cfg = trainable_config(args.preset or "tiny")
     return (
         Mu0(cfg).to(device).eval(),
         f"preset {cfg.name} (untrained: random trainable weights)",
@@ -38,7 +38,8 @@ def load_model_from_args(args: argparse.Namespace, device: str = "cpu"):
 
 
 def run(args: argparse.Namespace) -> int:
-    from configs import list_model_presets
+    from configs import get_model_config, list_model_presets
+    from configs.models import is_published
 
     if args.list:
         print("\n".join(list_model_presets()))
@@ -47,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.checkpoint and is_release_dir(args.checkpoint):
         return _run_published(args)
+    if args.preset and is_published(get_model_config(args.preset)):
+        return _run_published_preset(args)
     model, source, meta = load_model_from_args(args)
     counts = model.count_parameters()
     summary = {
@@ -129,5 +132,33 @@ def _run_published(args: argparse.Namespace) -> int:
     print(
         f"  traces: {rel.cfg.history_len} past steps → {rel.cfg.trace_bspline_n_ctrl} control "
         f"points (C0 B-spline) → horizon {rel.cfg.future_len}, {rel.cfg.num_steps} Euler steps"
+    )
+    return 0
+
+
+def _run_published_preset(args: argparse.Namespace) -> int:
+    """`mu0 info --preset paper`: the published architecture's sizes, counted on the meta device."""
+    from configs import get_model_config
+    from mu0_core.published.preset import build_meta, describe, parameter_counts
+
+    preset = get_model_config(args.preset)
+    model = build_meta(preset)
+    counts = parameter_counts(model)
+    summary = {
+        "source": f"preset {preset.name}: the published μ0 architecture (random weights)",
+        "params": counts,
+        **describe(model),
+        "config": preset.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"μ0 — {summary['source']}")
+    print(f"  parameters: {counts['total'] / 1e6:.1f}M, all frozen")
+    print(
+        f"  prefix: {summary['prefix_tokens']} tokens ({summary['image_tokens_per_image']} per "
+        f"{summary['image_size']} px image, RGB + depth, + {preset.model.tokenizer_max_length} text) "
+        f"through {summary['vlm_layers']} VLM layers; expert {summary['expert_layers']} layers "
+        f"x {summary['expert_width']}; DINOv2 {summary['dino_tokens']} tokens"
     )
     return 0
