@@ -249,3 +249,50 @@ def test_mu0_serve_hosts_the_port_and_matches_its_direct_output(tmp_path, releas
         np.testing.assert_array_equal(reply[key], direct[key])
     np.testing.assert_array_equal(reply["done"], direct["done"])
     assert reply["traces_uvz"].shape == (6, 32, 3)
+
+
+# ---------------------------------------------------------------- the paper preset
+def test_the_paper_preset_is_the_published_architecture_at_release_sizes() -> None:
+    from configs import get_model_config
+    from configs.models import is_published, trainable_config
+    from mu0_core.published.preset import build_meta, describe, parameter_counts
+
+    preset = get_model_config("paper")
+    assert is_published(preset)
+    model = build_meta(preset)  # meta device: no memory
+    assert parameter_counts(model)["total"] == 2_483_182_126
+    assert (model.num_vlm_layers, model.num_expert_layers, model.expert_dim) == (20, 20, 1024)
+    assert model.cross_layers == set(range(1, 20, 2))
+    assert describe(model)["prefix_tokens"] == 2 * 144 + 48
+    with pytest.raises(SystemExit, match="published μ0's architecture"):
+        trainable_config("paper")
+
+
+def test_bench_of_a_miniature_published_preset_reports_counts_and_latency() -> None:
+    from mu0_core.bench import bench_published
+    from mu0_core.published.config import PublishedConfig, PublishedPreset
+
+    tiny_dino = {
+        "model_type": "dinov2",
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "image_size": 28,
+    }
+    preset = PublishedPreset(
+        name="mini",
+        model=PublishedConfig(
+            num_vlm_layers=2,
+            num_expert_layers=2,
+            image_size=64,
+            dino_input_size=28,
+            tokenizer_max_length=8,
+        ),
+        vlm_architecture="smolvlm2-256m",
+        dino=tiny_dino,
+    )
+    out = bench_published(preset, queries=(3,), repeats=1, warmup=0)
+    assert out["params_total"] > 1e8 and out["params_trainable"] == 0
+    assert out["prefix_tokens"] == 2 * 1 + 8 and out["sample_ms_p50_q3"] > 0

@@ -288,7 +288,7 @@ class PublishedMu0(nn.Module):
         self.trace_adaln_modulation = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d)) for _ in range(n_exp)
         )
-        self.group_ids = G  # tokens per keypoint
+        self.tokens_per_point = G  # history groups + future groups
 
         self.dino = None
         if cfg.use_dino:
@@ -570,7 +570,7 @@ class PublishedMu0(nn.Module):
                     traj_history, x, uv, point_mask, history_mask, dino
                 )
                 out = self.expert_forward(tokens, attend, prefix_pad, cache, self.adaln(t))
-            out = out.float().reshape(B, N, self.group_ids, -1)[:, :, -self.G_fut :]
+            out = out.float().reshape(B, N, self.tokens_per_point, -1)[:, :, -self.G_fut :]
             v = self.trace_out_proj_future(out).reshape(B, N, -1, 3)
             if self.trace_done_proj_bsp is not None:
                 done_logits = self.trace_done_proj_bsp(out.mean(dim=2))
