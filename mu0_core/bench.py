@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,36 @@ from mu0_core import synthetic
 def _percentiles(samples_s: list[float]) -> tuple[float, float]:
     ms = np.asarray(samples_s) * 1e3
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 90))
+
+
+def _header(
+    counts: dict[str, int], build_s: float, device: str, num_steps: int, random_weights: bool
+) -> dict[str, Any]:
+    return {
+        "params_total": counts["total"],
+        "params_trainable": counts["trainable"],
+        "params_frozen": counts["frozen"],
+        "build_s": round(build_s, 2),
+        "device": device,
+        "num_steps": num_steps,
+        "random_weights": random_weights,
+    }
+
+
+def _time_runs(run, repeats: int, warmup: int, device: str, desc: str) -> tuple[float, float]:
+    """(p50, p90) in ms of ``run()`` after ``warmup`` untimed calls, synchronising CUDA."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        run()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return _percentiles(times)
 
 
 def bench_preset(
@@ -40,32 +71,18 @@ def bench_preset(
     torch.manual_seed(0)
     model = Mu0(cfg).to(device).eval()
     build_s = time.perf_counter() - t0
-    counts = model.count_parameters()
-    out: dict[str, Any] = {
-        "params_total": counts["total"],
-        "params_trainable": counts["trainable"],
-        "params_frozen": counts["frozen"],
-        "build_s": round(build_s, 2),
-        "device": device,
-        "num_steps": num_steps,
-        "random_weights": getattr(cfg.backbone, "model_dir", None) is None
-        and cfg.backbone.kind == "hf",
-    }
+    random = getattr(cfg.backbone, "model_dir", None) is None and cfg.backbone.kind == "hf"
+    out = _header(model.count_parameters(), build_s, device, num_steps, random)
     size = getattr(cfg.backbone, "image_size", None) or 224
     for q in queries:
         query = synthetic.make_query(q, image_size=(size, size), seed=q)
-        for _ in range(warmup):
-            model.sample(query, num_steps=num_steps)
-        times = []
-        for _ in tqdm(range(repeats), desc=f"{cfg.name} q{q}", leave=False):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            model.sample(query, num_steps=num_steps)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        p50, p90 = _percentiles(times)
+        p50, p90 = _time_runs(
+            partial(model.sample, query, num_steps=num_steps),
+            repeats,
+            warmup,
+            device,
+            f"{cfg.name} q{q}",
+        )
         out[f"sample_ms_p50_q{q}"] = round(p50, 2)
         out[f"sample_ms_p90_q{q}"] = round(p90, 2)
     # Cold text encoding (a new instruction), once per instruction in practice.
@@ -101,32 +118,18 @@ def bench_published(
     t0 = time.perf_counter()
     model = build_random(preset, device)
     build_s = time.perf_counter() - t0
-    counts = parameter_counts(model)
-    out: dict[str, Any] = {
-        "params_total": counts["total"],
-        "params_trainable": counts["trainable"],
-        "params_frozen": counts["frozen"],
-        "build_s": round(build_s, 2),
-        "device": device,
-        "num_steps": num_steps,
-        "random_weights": True,
-        "architecture": "published μ0 (mu0_core/published)",
-        **describe(model),
-    }
+    out = _header(parameter_counts(model), build_s, device, num_steps, random_weights=True)
+    out["architecture"] = "published μ0 (mu0_core/published)"
+    out.update(describe(model))
     for q in queries:
         inputs = dummy_inputs(model, q, seed=q)
-        for _ in range(warmup):
-            model.sample(**inputs, num_steps=num_steps)
-        times = []
-        for _ in tqdm(range(repeats), desc=f"{preset.name} q{q}", leave=False):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            model.sample(**inputs, num_steps=num_steps)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        p50, p90 = _percentiles(times)
+        p50, p90 = _time_runs(
+            partial(model.sample, **inputs, num_steps=num_steps),
+            repeats,
+            warmup,
+            device,
+            f"{preset.name} q{q}",
+        )
         out[f"sample_ms_p50_q{q}"] = round(p50, 2)
         out[f"sample_ms_p90_q{q}"] = round(p90, 2)
     if device.startswith("cuda"):
