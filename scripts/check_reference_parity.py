@@ -50,6 +50,7 @@ def run(fixture: Path) -> dict[str, float]:
             mask,
             noise=torch.from_numpy(x["noise"]),
             history_mask=torch.zeros_like(mask) if mask_all else None,
+            trace_steps=True,
         )
         for name in ("traces_abs", "done_prob"):
             got = out[name].cpu().numpy()
@@ -57,6 +58,14 @@ def run(fixture: Path) -> dict[str, float]:
             m = x["key_pad_mask"].reshape(x["key_pad_mask"].shape + (1,) * (got.ndim - 2))
             err = np.abs(got - y[name + suffix]) * m
             errors[name + suffix] = float(err.max())
+        # Per-Euler-step velocities and the final control points, for locating a mismatch.
+        m4 = x["key_pad_mask"][None, :, :, None, None]
+        errors["step_v" + suffix] = float(
+            (np.abs(out["step_v"].numpy() - y["step_v" + suffix]) * m4).max()
+        )
+        errors["ctrl" + suffix] = float(
+            (np.abs(out["ctrl"].numpy() - y["ctrl" + suffix]) * m4[0]).max()
+        )
         if not mask_all:
             p = out["prefix_embs"].cpu().numpy()
             pm = y["prefix_pad_mask"][..., None]

@@ -251,6 +251,29 @@ def test_mu0_serve_hosts_the_port_and_matches_its_direct_output(tmp_path, releas
     assert reply["traces_uvz"].shape == (6, 32, 3)
 
 
+@needs_fixture
+def test_mu0_info_and_predict_run_on_a_release(tmp_path, capsys) -> None:
+    from runtime.cli import main
+
+    dirs = [
+        "--checkpoint",
+        str(FIXTURE / "release"),
+        "--vlm-dir",
+        str(FIXTURE / "vlm"),
+        "--dino-dir",
+        str(FIXTURE / "dino"),
+    ]
+    assert main(["info", *dirs, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tensors_used"] == 211 and len(info["tensors_ignored"]) == 6
+    assert info["params"]["trainable"] == 0 and info["horizon"] == 32
+    out = tmp_path / "pred.png"
+    assert main(["predict", *dirs, "--num-points", "4", "--out", str(out)]) == 0
+    assert "4 query points" in capsys.readouterr().out and out.stat().st_size > 0
+    with pytest.raises(SystemExit, match="give --vlm-dir"):
+        main(["info", "--checkpoint", str(FIXTURE / "release")])
+
+
 # ---------------------------------------------------------------- the paper preset
 def test_the_paper_preset_is_the_published_architecture_at_release_sizes() -> None:
     from configs import get_model_config
