@@ -181,6 +181,17 @@ def test_a_wrong_shape_is_named(tmp_path) -> None:
 
 
 @needs_fixture
+def test_a_non_float_tensor_is_named(tmp_path) -> None:
+    rel, vlm, dino = _copy_fixture(tmp_path)
+    key = "model.trace_seg_embedding.weight"
+    _rewrite_weights(rel, lambda t: t.update({key: torch.zeros(2, 32, dtype=torch.int64)}))
+    with pytest.raises(
+        ReleaseError, match=r"trace_seg_embedding\.weight' is I64, expected a float"
+    ):
+        load_release(rel, vlm, dino)
+
+
+@needs_fixture
 def test_an_unexpected_key_is_named(tmp_path) -> None:
     rel, vlm, dino = _copy_fixture(tmp_path)
     _rewrite_weights(rel, lambda t: t.update({"model.something_new.weight": torch.zeros(2)}))

@@ -79,7 +79,7 @@ IGNORED: list[tuple[str, str]] = [
     ),
 ]
 
-_FLOAT = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
+_FLOAT = {"F32", "BF16", "F16", "F64"}  # safetensors dtype names
 
 
 def _port_key(ref_key: str, expected: dict) -> str | None:
@@ -307,53 +307,20 @@ def load_release(
 
     with torch.device("meta"):
         model = PublishedMu0(cfg, vlm_config, dino_config)
-    expected = {k: v for k, v in model.state_dict().items()}
-    loaded: dict[str, Tensor] = {}
-    ignored: dict[str, str] = {}
-    digest = hashlib.sha256()
+    expected = model.state_dict()
     with safe_open(str(weights_path), framework="pt") as f:
-        for ref_key in sorted(f.keys()):
-            reason = _ignored_reason(ref_key)
-            if reason is not None:
-                ignored[ref_key] = reason
-                continue
-            key = _port_key(ref_key, expected)
-            if key is None or key not in expected:
-                raise ReleaseError(
-                    f"{weights_path.name}: unexpected key {ref_key!r} (the port has no place for "
-                    "it). Is this a μ0 trace release with the config.json beside it?"
-                )
-            want = expected[key]
-            sl = f.get_slice(ref_key)
-            shape = tuple(sl.get_shape())
-            if shape != tuple(want.shape):
-                raise ReleaseError(
-                    f"{weights_path.name}: {ref_key!r} has shape {list(shape)}, the port expects "
-                    f"{list(want.shape)} from config.json and the configs in --vlm-dir/--dino-dir; "
-                    "give the VLM/DINOv2 configs the release was trained with "
-                    "(SmolVLM2-2.2B-Instruct, dinov2-base) and the release's own config.json"
-                )
-            tensor = f.get_tensor(ref_key)
-            if tensor.dtype not in _FLOAT:
-                raise ReleaseError(
-                    f"{weights_path.name}: {ref_key!r} is {tensor.dtype}, expected a float tensor"
-                )
-            digest.update(ref_key.encode())
-            digest.update(
-                tensor.float().numpy().tobytes()
-                if tensor.dtype == torch.bfloat16
-                else tensor.numpy().tobytes()
-            )
-            loaded[key] = tensor.to(want.dtype)
-    missing = sorted(set(expected) - set(loaded))
-    if missing:
-        raise ReleaseError(
-            f"{weights_path.name} lacks {len(missing)} tensor(s) the port needs, e.g. "
-            f"{missing[:3]} (port names); the release is incomplete or built with other "
-            "flags than its config.json says"
-        )
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(loaded, strict=True, assign=False)
+        # First every key, shape and dtype (headers only), so a bad file fails before any
+        # memory is spent; then the tensors, one at a time, straight into the model.
+        plan, ignored = _check_keys(f, expected, weights_path.name)
+        model = model.to_empty(device=device)
+        params = model.state_dict()
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for ref_key, key in plan:
+                tensor = f.get_tensor(ref_key)
+                digest.update(ref_key.encode())
+                digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+                params[key].copy_(tensor)
     reset_buffers(model)  # the non-persistent ones were built on the meta device
     model = model.to(device).eval().requires_grad_(False)
 
@@ -369,10 +336,50 @@ def load_release(
         tokenizer=tokenizer,
         depth_log_range=depth_range,
         content_hash=digest.hexdigest()[:16],
-        used_keys=sorted(loaded),
+        used_keys=sorted(key for _, key in plan),
         ignored_keys=ignored,
         image_tokens=image_tokens,
     )
+
+
+def _check_keys(f, expected: dict, file_name: str) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """Match every tensor of the file to a port key or an ignore rule, checking shapes and
+    dtypes; returns ([(release key, port key)], {ignored release key: reason})."""
+    plan: list[tuple[str, str]] = []
+    ignored: dict[str, str] = {}
+    for ref_key in sorted(f.keys()):
+        reason = _ignored_reason(ref_key)
+        if reason is not None:
+            ignored[ref_key] = reason
+            continue
+        key = _port_key(ref_key, expected)
+        if key is None or key not in expected:
+            raise ReleaseError(
+                f"{file_name}: unexpected key {ref_key!r} (the port has no place for it). Is this "
+                "a μ0 trace release with the config.json beside it?"
+            )
+        sl = f.get_slice(ref_key)
+        shape, want = list(sl.get_shape()), list(expected[key].shape)
+        if shape != want:
+            raise ReleaseError(
+                f"{file_name}: {ref_key!r} has shape {shape}, the port expects {want} from "
+                "config.json and the configs in --vlm-dir/--dino-dir; give the VLM/DINOv2 configs "
+                "the release was trained with (SmolVLM2-2.2B-Instruct, dinov2-base) and the "
+                "release's own config.json"
+            )
+        if sl.get_dtype() not in _FLOAT:
+            raise ReleaseError(
+                f"{file_name}: {ref_key!r} is {sl.get_dtype()}, expected a float tensor"
+            )
+        plan.append((ref_key, key))
+    missing = sorted(set(expected) - {key for _, key in plan})
+    if missing:
+        raise ReleaseError(
+            f"{file_name} lacks {len(missing)} tensor(s) the port needs, e.g. {missing[:3]} "
+            "(port names); the release is incomplete or built with other flags than its "
+            "config.json says"
+        )
+    return plan, ignored
 
 
 def reset_buffers(model: PublishedMu0) -> None:
