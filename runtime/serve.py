@@ -60,6 +60,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset", default=None, help="serve an untrained model preset (benchmarks only)"
     )
+    add_release_args(p)
     p.add_argument("--device", default="cpu", help="cuda | cuda:N | cpu (default cpu)")
     p.add_argument(
         "--noise-scale",
@@ -112,6 +113,32 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port-file", type=Path, help="write the bound ports here as JSON once serving")
 
 
+def add_release_args(p: argparse.ArgumentParser) -> None:
+    """Flags for a published-μ0 release given as --checkpoint (docs/published-mu0.md)."""
+    p.add_argument(
+        "--vlm-dir", type=Path, help="published μ0: local SmolVLM2-2.2B-Instruct config + tokenizer"
+    )
+    p.add_argument("--dino-dir", type=Path, help="published μ0: local dinov2-base config")
+
+
+def load_published(args: argparse.Namespace, device: str = "cpu", **kwargs):
+    """The published-μ0 adapter for --checkpoint RELEASE_DIR; exits with what to fix."""
+    from mu0_core.published.release import ReleaseError
+    from runtime.published_adapter import PublishedTraceModel
+
+    if args.vlm_dir is None:
+        raise SystemExit(
+            f"{args.checkpoint} is a published μ0 release: give --vlm-dir (and --dino-dir), "
+            "see docs/published-mu0.md"
+        )
+    try:
+        return PublishedTraceModel.from_release(
+            args.checkpoint, args.vlm_dir, args.dino_dir, device, **kwargs
+        )
+    except ReleaseError as e:
+        raise SystemExit(f"mu0: {e}") from None
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="serve μ0 traces over ZeroMQ (long-running)")
     _configure(p)
@@ -149,15 +176,23 @@ def _load_model(args: argparse.Namespace):
     from runtime.mu0_adapter import Mu0TraceModel
 
     if args.checkpoint is not None:
+        from mu0_core.published.release import is_release_dir
+
+        if is_release_dir(args.checkpoint):
+            if args.noise_scale is not None:
+                raise SystemExit(
+                    "mu0 serve: the published μ0 samples from N(0, 1); drop --noise-scale"
+                )
+            return load_published(args, args.device)
         return Mu0TraceModel.from_checkpoint(
             args.checkpoint, args.device, noise_scale=args.noise_scale
         )
     if args.preset is not None:
         # An untrained preset: right shapes and real latency, meaningless traces.
-        from configs import get_model_config
+        from configs.models import trainable_config
         from mu0_core.model import Mu0
 
-        model = Mu0(get_model_config(args.preset)).to(args.device).eval()
+        model = Mu0(trainable_config(args.preset)).to(args.device).eval()
         return Mu0TraceModel(model, noise_scale=args.noise_scale)
     raise SystemExit(
         "mu0 serve: give --checkpoint PATH (or --preset NAME / --trivial for stand-ins)"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from runtime.serve import add_release_args, load_published
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="forecast traces for one image and draw them")
@@ -36,6 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--noise-scale", type=float, default=None, help="sampler temperature (default: the model's)"
     )
+    add_release_args(p)
     p.add_argument("--out", type=Path, default=Path("outputs/predict.png"), help="picture to write")
     p.set_defaults(func=run)
 
@@ -92,9 +95,12 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mu0_core import synthetic
+    from mu0_core.published.release import is_release_dir
     from mu0_core.viz import draw_traces
     from runtime.commands.info import load_model_from_args
 
+    if args.checkpoint and is_release_dir(args.checkpoint):
+        return _run_published(args)
     model, source, _ = load_model_from_args(args)
     truth = None
     if args.rgb:
@@ -161,3 +167,60 @@ def _score_against_truth(query, pred, truth) -> str:
         f"against the simulator's truth, {int(moving.sum())} moving points: ADE3D "
         f"{1e3 * ade:.1f} mm (no motion: {1e3 * still:.1f} mm)"
     )
+
+
+def _run_published(args: argparse.Namespace) -> int:
+    """One prediction of the published μ0, through the same adapter the server uses."""
+    import time
+
+    import numpy as np
+
+    from mu0_core import synthetic
+    from mu0_core.viz import draw_traces
+
+    if args.noise_scale is not None or args.steps is not None:
+        raise SystemExit(
+            "mu0 predict: the published μ0 runs its own sampler; drop --noise-scale/--steps"
+        )
+    adapter = load_published(args, seed=args.seed)
+    if args.rgb:
+        query = _query_from_files(args)
+    elif args.example == "synthetic":
+        query = synthetic.make_query(args.num_points, image_size=(224, 224), seed=args.seed)
+    else:
+        from mu0_core.examples import DEFAULT, load_example
+
+        query, _ = load_example(args.example or DEFAULT)
+    obs = {
+        "rgb": np.asarray(query.rgb),
+        "instruction": args.instruction or query.instruction,
+        "hist_uvz": np.asarray(query.hist_uvz, dtype=np.float32),
+        "intrinsics": np.asarray(query.intrinsics, dtype=np.float32),
+    }
+    if query.depth_m is not None:
+        obs["depth_m"] = np.asarray(query.depth_m, dtype=np.float32)
+    if query.hist_valid is not None:
+        obs["hist_valid"] = np.asarray(query.hist_valid, dtype=bool)
+    adapter.validate(obs)
+    t = time.perf_counter()
+    pred = adapter.predict_batch([obs])[0]
+    ms = 1e3 * (time.perf_counter() - t)
+    xyz = pred["traces_xyz_cam"]
+    travel = np.linalg.norm(xyz[:, -1] - xyz[:, 0], axis=-1)
+    print(f"μ0 — published release {args.checkpoint}")
+    print(f"  instruction: {obs['instruction']!r}; {len(travel)} query points")
+    print(
+        f"  predicted 3D travel over the horizon: median {1e3 * np.median(travel):.1f} mm, "
+        f"max {1e3 * travel.max():.1f} mm; done by the end: {int(pred['done'][:, -1].sum())}/{len(travel)}"
+    )
+    print(f"  timings: total {ms:.1f} ms")
+    path = draw_traces(
+        obs["rgb"],
+        pred["traces_uvz"],
+        args.out,
+        hist_uvz=obs["hist_uvz"],
+        done=pred["done"],
+        title=f"published μ0\n{obs['instruction']}",
+    )
+    print(f"  picture: {path}")
+    return 0

@@ -111,10 +111,10 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
-    from configs import get_model_config
+    from configs.models import trainable_config
     from mu0_core.pretrain import PretrainConfig, pretrain
 
-    model_cfg = get_model_config(args.preset, model_dir=args.model_dir)
+    model_cfg = trainable_config(args.preset, model_dir=args.model_dir)
     if args.knots:
         model_cfg = model_cfg.replace(trace=dataclasses.replace(model_cfg.trace, knots=args.knots))
     if args.objective:
