@@ -194,6 +194,7 @@ def evaluate(
     config = ExtractConfig(num_points=points, reseed_every=reseed_every)
     kinds = TARGET_KINDS if target_kinds is None else target_kinds
     labels: dict[str, list] = {k: [] for k in kinds}
+    by_dir: dict[str, dict[str, list]] = {str(d): {k: [] for k in kinds} for d in dirs}
     px, mm, moving, share_valid, share_steps, tracks, frames, seconds = (
         [],
         [],
@@ -204,9 +205,9 @@ def evaluate(
         0,
         0.0,
     )
-    sources = [open_source(d) for d in dirs]
-    jobs = [(source, eid) for source in sources for eid in source.episode_ids()]
-    for source, eid in tqdm(jobs, desc="bench extract", unit="ep", disable=not progress):
+    sources = [(str(d), open_source(d)) for d in dirs]
+    jobs = [(d, source, eid) for d, source in sources for eid in source.episode_ids()]
+    for d, source, eid in tqdm(jobs, desc="bench extract", unit="ep", disable=not progress):
         ep = source.load(eid)
         start = time.perf_counter()
         traces = extract_episode(ep, config)
@@ -217,6 +218,7 @@ def evaluate(
             if fields.get("target") == "arc":  # its truth covers the label's steps only
                 part["coverage"] = None
             labels[name].append(part)
+            by_dir[d][name].append(part)
         frames += ep.num_frames
         e = track_errors(traces)
         px.append(e["px"])
@@ -248,6 +250,11 @@ def evaluate(
         "frames": frames,
         "episodes": len(jobs),
         "labels": {name: summarise_labels(parts) for name, parts in labels.items()},
+        "labels_by_data": {
+            d: {name: summarise_labels(parts) for name, parts in per.items()}
+            for d, per in by_dir.items()
+            if len(dirs) > 1
+        },
         "label_goal_mm": LABEL_GOAL_MM,
     }
 
@@ -316,5 +323,7 @@ def run(args: argparse.Namespace) -> int:
         f"{result['frames_per_s']:.1f} frames/s"
     )
     print(label_table(result["labels"]))
+    for d, per in result["labels_by_data"].items():
+        print(f"\n{d}\n" + label_table(per))
     write_json(args.json, result)
     return 0
