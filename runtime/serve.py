@@ -194,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    # On this (the inference) thread, before the port file says the server is up.
+    log_event(logging.INFO, "warmed_up", infer_ms=server.warm_up())
     server.start(inference_thread=False)  # serve_forever runs inference on this thread
     if args.port_file is not None:
         tmp = args.port_file.with_suffix(".tmp")  # rename so readers never see half a file

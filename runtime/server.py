@@ -8,12 +8,15 @@ a request pending, at most ``max_batch``, or ``batch_window_ms`` ran out), it ha
 watch to a helper thread, runs ``model.predict_batch``, takes the watch back and sends
 the replies. So a request reaches the model with no thread hand-off, and the socket is
 watched while the model runs; a model whose batches all take under ``inline_below_ms``
-runs without the helper, since waking it would cost more than the wait.
+runs without the helper, since waking it would cost more than the wait. A batch the model
+fails on is split and re-run, so a request that breaks the model fails alone; a request
+whose traces are not finite is answered with an error, never with the NaNs.
 
 ZeroMQ sockets are not thread-safe: only the thread on watch touches the ROUTER, under
 one lock, and it sleeps in select() on the ROUTER's file descriptor, outside zmq. A slow
-client never blocks anyone: ROUTER drops what a peer does not read once its high-water
-mark is full. Wire format: runtime/wire.py and docs/protocol.md.
+client never blocks anyone: once ``send_hwm`` replies to a peer wait unread, the next
+ones are dropped, counted in ``stats.dropped_replies`` and logged. Wire format:
+runtime/wire.py and docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ log = logging.getLogger("mu0.server")
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _CLIENT_IDLE_S = 60.0  # forget per-client state (rate bucket) after this long unheard
+_DROP_LOG_INTERVAL_S = 1.0  # at most one reply_dropped line per client per interval
 _TRACE = Kind.TRACE.value
 
 
@@ -115,6 +119,14 @@ class _ClientState:
 
 
 @dataclass
+class _Drops:
+    """Replies dropped for one client since its last reply_dropped log line."""
+
+    logged_at: float
+    unlogged: int = 0
+
+
+@dataclass
 class _Stats:
     """Counters and rolling windows (the watching thread counts requests, the inference
     thread traces)."""
@@ -126,6 +138,7 @@ class _Stats:
     latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     infer_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     batch_sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+    dropped_replies: int = 0
 
     def snapshot(self, clients: int, pending: int) -> dict[str, Any]:
         now = time.monotonic()
@@ -147,6 +160,7 @@ class _Stats:
             "errors": dict(self.errors),
             "clients": clients,
             "pending": pending,
+            "dropped_replies": self.dropped_replies,
         }
 
 
@@ -168,6 +182,20 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1e3, 3)
 
 
+def _finite_or_reason(prediction: dict[str, Any]) -> dict[str, Any] | str:
+    """The prediction if every float array in it is finite (the protocol promises that),
+    else the error message for its request."""
+    for key, value in prediction.items():
+        if (
+            isinstance(value, np.ndarray)
+            and value.dtype.kind == "f"
+            and not np.isfinite(value).all()
+        ):
+            log_event(logging.ERROR, "model_not_finite", field=key)
+            return f"the model's '{key}' for this request is not finite"
+    return prediction
+
+
 class TraceServer:
     """Serves a ``TraceModel`` on ``tcp://host:port`` (port 0 picks a free one).
 
@@ -179,6 +207,10 @@ class TraceServer:
     thread runs the next batch without handing the watch to the helper. Waking the helper
     costs tens of microseconds of a busy CPU, more than such a model takes, and requests
     that arrive meanwhile wait at most that long in ZeroMQ's queue. 0 always hands over.
+
+    ``send_hwm``: replies per client that may wait unread before further ones are dropped
+    (counted and logged); a client with at most half of it unanswered never loses one.
+    ``max_header_bytes`` bounds frame 0 of a request, which is the part that is unpacked.
     """
 
     def __init__(
@@ -193,8 +225,9 @@ class TraceServer:
         curve: CurveConfig | None = None,
         pub_port: int | None = None,
         max_pending: int = 256,
-        send_hwm: int = 64,
+        send_hwm: int = 256,
         inline_below_ms: float = 1.0,
+        max_header_bytes: int = wire.DEFAULT_MAX_HEADER_BYTES,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -204,6 +237,8 @@ class TraceServer:
         self.batch_window_s = batch_window_ms / 1e3
         self.max_batch = max_batch
         self.max_message_bytes = max_message_bytes
+        self.max_header_bytes = min(max_header_bytes, max_message_bytes)
+        self.send_hwm = send_hwm
         self.rate_limit_hz = rate_limit_hz
         self.max_pending = max_pending
         self.inline_below_ms = inline_below_ms
@@ -225,6 +260,9 @@ class TraceServer:
             )
 
         self._router = self._socket(zmq.ROUTER, send_hwm)
+        # A full peer queue makes a non-blocking send fail (EAGAIN) instead of dropping in
+        # silence, so every drop is counted and logged (docs/protocol.md, "Replies").
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # The transport drops (and disconnects) frames far above our limit before they
         # are buffered; messages just above it still reach us and get a typed TOO_LARGE.
         self._router.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + (1 << 20))
@@ -262,6 +300,8 @@ class TraceServer:
         self._stop = threading.Event()
         self._closed = threading.Event()
         self._clients: dict[bytes, _ClientState] = {}
+        self._drops: dict[bytes, _Drops] = {}
+        self._warmup_infer_ms: float | None = None
         # Clients that sent a predict within the last second: the worker waits for at most
         # this many, so a lone client never sits out the batch window for nobody.
         self._recent_predictors: dict[bytes, float] = {}
@@ -355,6 +395,21 @@ class TraceServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def warm_up(self, rounds: int = 2) -> float:
+        """Run the model on made-up observations before serving (first calls pay for lazy
+        initialisation) and keep the last time as the handshake's ``typical_infer_ms``
+        until real batches have been timed. Call before ``start``; returns that time."""
+        from runtime.model_api import make_observation
+
+        size = self.metadata.get("image_size") or (224, 224)
+        queries = min(16, int(self.metadata.get("max_queries", 16)))
+        obs = make_observation(num_queries=queries, image_size=tuple(size))
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            self.model.predict_batch([obs])
+            self._warmup_infer_ms = _ms(time.perf_counter() - t0)
+        return self._warmup_infer_ms
+
     def stats(self) -> dict[str, Any]:
         """Live statistics (the body of a ``stats_ok`` reply)."""
         return self._stats.snapshot(len(self._clients), len(self._pending))
@@ -431,7 +486,7 @@ class TraceServer:
         identity = frames[0].bytes
         request_id: int | None = None
         try:
-            header = wire.decode(frames[1:], self.max_message_bytes)
+            header = wire.decode(frames[1:], self.max_message_bytes, self.max_header_bytes)
             request_id = header.get("id") if type(header.get("id")) is int else None
             kind, request_id, body = wire.check_header(header, wire.REQUEST_KINDS)
             # After decoding (cheap: no copies) so the refusal names the request it refuses.
@@ -483,19 +538,27 @@ class TraceServer:
         stale = [k for k, s in self._clients.items() if now - s.last_seen > _CLIENT_IDLE_S]
         for k in stale:
             del self._clients[k]
+            self._drops.pop(k, None)
         quiet = [k for k, t in self._recent_predictors.items() if now - t > 1.0]
         for k in quiet:
             del self._recent_predictors[k]
         self._active_predictors = len(self._recent_predictors)
 
     def _hello_body(self) -> dict[str, Any]:
+        recent = list(self._stats.infer_ms)
+        typical = float(np.median(recent)) if recent else self._warmup_infer_ms
         return {
             "protocol_version": wire.PROTOCOL_VERSION,
             **self.metadata,
             "max_batch": self.max_batch,
             "batch_window_ms": self.batch_window_s * 1e3,
             "max_message_bytes": self.max_message_bytes,
+            "max_header_bytes": self.max_header_bytes,
             "rate_limit_hz": self.rate_limit_hz,
+            "rate_limit_burst": self._bucket_size() if self.rate_limit_hz > 0 else None,
+            "max_pending": self.max_pending,
+            "send_queue": self.send_hwm,
+            "typical_infer_ms": None if typical is None else round(typical, 3),
             "pub_port": self.pub_port,
             "dtypes": sorted(wire.SUPPORTED_DTYPES),
         }
@@ -545,12 +608,33 @@ class TraceServer:
         frames = wire.encode(header)
         try:
             if len(frames) == 1:  # small arrays only, all inline: a plain copying send
-                self._router.send(identity, zmq.SNDMORE)
-                self._router.send(frames[0])
+                self._router.send(identity, zmq.SNDMORE | zmq.NOBLOCK)
+                self._router.send(frames[0], zmq.NOBLOCK)
             else:
-                self._router.send_multipart([identity, *frames], copy=False)
+                self._router.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # the peer's queue is full (ROUTER_MANDATORY): drop, count, log
+            self._dropped(identity, header)
         except zmq.ZMQError as exc:  # peer gone mid-send; nothing to do
             log_event(logging.DEBUG, "send_failed", client=identity.hex(), error=exc)
+
+    def _dropped(self, identity: bytes, header: dict[str, Any]) -> None:
+        self._stats.dropped_replies += 1
+        now = time.monotonic()
+        drops = self._drops.get(identity)
+        if drops is None:
+            drops = self._drops[identity] = _Drops(logged_at=now - _DROP_LOG_INTERVAL_S)
+        drops.unlogged += 1
+        if now - drops.logged_at >= _DROP_LOG_INTERVAL_S:
+            log_event(
+                logging.WARNING,
+                "reply_dropped",
+                client=identity.hex(),
+                dropped=drops.unlogged,
+                last_id=header["id"],
+                kind=header["kind"],
+                reason=f"{self.send_hwm} replies wait unread",
+            )
+            drops.logged_at, drops.unlogged = now, 0
 
     # ------------------------------------------------------------------ threads
 
@@ -613,23 +697,35 @@ class TraceServer:
         keys = list(itertools.islice(self._pending, self.max_batch))
         return [self._pending.pop(k) for k in keys]
 
-    def _predict(self, batch: list[_Pending]) -> list[dict[str, Any]] | list[None]:
-        """The model's predictions for ``batch``; all None if it failed."""
+    def _predict(self, batch: list[_Pending]) -> list[dict[str, Any] | str]:
+        """The model's prediction for each request of ``batch``, or why it has none.
+
+        A batch the model fails on is split in halves and each half re-run, down to single
+        requests: whatever input validation let through fails only its own request, for
+        about 2 log2(batch) extra passes. (Re-running every request alone would cost a pass
+        per request.)"""
         try:
-            predictions: list[dict[str, Any]] | list[None] = self.model.predict_batch(
-                [p.obs for p in batch]
-            )
+            predictions = self.model.predict_batch([p.obs for p in batch])
             if len(predictions) != len(batch):
                 raise RuntimeError(f"model returned {len(predictions)} for {len(batch)}")
         except Exception:
-            log.error("event=model_failed batch=%d\n%s", len(batch), traceback.format_exc())
-            predictions = [None] * len(batch)
-        return predictions
+            if len(batch) > 1:
+                log_event(logging.WARNING, "batch_failed", batch=len(batch), retry="in halves")
+                half = len(batch) // 2
+                return self._predict(batch[:half]) + self._predict(batch[half:])
+            log.error(
+                "event=model_failed client=%s id=%s\n%s",
+                batch[0].identity.hex(),
+                batch[0].request_id,
+                traceback.format_exc(),
+            )
+            return ["model failed"]
+        return [_finite_or_reason(p) for p in predictions]
 
     def _send_traces(
         self,
         batch: list[_Pending],
-        predictions: list[dict[str, Any]] | list[None],
+        predictions: list[dict[str, Any] | str],
         t_start: float,
         t_end: float,
     ) -> None:
@@ -637,9 +733,9 @@ class TraceServer:
         sent = []
         with self._sock_lock:
             for p, prediction in zip(batch, predictions):
-                if prediction is None:
+                if isinstance(prediction, str):
                     self._send_error(
-                        p.identity, ErrorCode.INTERNAL, "model failed", p.request_id, p.t_recv
+                        p.identity, ErrorCode.INTERNAL, prediction, p.request_id, p.t_recv
                     )
                     continue
                 timings = {
