@@ -32,16 +32,23 @@ def running_server(model: Any = None, **kwargs: Any) -> Iterator[TraceServer]:
         server.close()
 
 
-def spawn_server(tmp_path: Path, port: int = 0, *extra: str) -> tuple[subprocess.Popen, int]:
-    """``python -m runtime.serve --trivial`` as a subprocess; returns (process, port)."""
+def spawn_server(
+    tmp_path: Path,
+    port: int = 0,
+    *extra: str,
+    model: tuple[str, ...] = ("--trivial",),
+    start_timeout_s: float = 15.0,
+) -> tuple[subprocess.Popen, int]:
+    """``python -m runtime.serve --trivial`` (or ``model``'s arguments) as a subprocess;
+    returns (process, port) once it serves."""
     port_file = tmp_path / f"port-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, "-m", "runtime.serve", "--trivial", "--port", str(port)]
+    cmd = [sys.executable, "-m", "runtime.serve", *model, "--port", str(port)]
     cmd += ["--port-file", str(port_file), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 15.0
+    deadline = time.monotonic() + start_timeout_s
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
