@@ -165,9 +165,10 @@ def _load_model(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime.server import CurveConfig, TraceServer, log_event
+    from runtime.server import CurveConfig, TraceServer, log_event, return_large_buffers_to_the_os
 
     setup_logging(args.log_json)
+    return_large_buffers_to_the_os()
     curve = None
     if args.curve_dir is not None:
         allowed = args.allow_client_key or [args.curve_dir / "clients"]

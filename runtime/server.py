@@ -22,6 +22,7 @@ runtime/wire.py and docs/protocol.md.
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
 import logging
 import os
@@ -46,6 +47,23 @@ log = logging.getLogger("mu0.server")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _CLIENT_IDLE_S = 60.0  # forget per-client state (rate bucket) after this long unheard
 _DROP_LOG_INTERVAL_S = 1.0  # at most one reply_dropped line per client per interval
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def return_large_buffers_to_the_os(threshold_bytes: int = 4 << 20) -> bool:
+    """Make glibc serve every allocation of ``threshold_bytes`` or more by mmap, so a large
+    frame's buffer goes back to the OS when it is freed. Process-wide: `mu0 serve` calls
+    it at start. By default glibc raises that threshold to the largest block freed so far
+    (up to 32 MiB); after one 16 MiB frame, ZeroMQ's I/O thread took the next ones from
+    its heap and kept them, and malloc_trim did not give them back: 10,000 fuzzed frames
+    (22 of 16 MiB) left the server 47% larger. False where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+
+
 _TRACE = Kind.TRACE.value
 
 
