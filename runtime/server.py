@@ -46,7 +46,11 @@ log = logging.getLogger("mu0.server")
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _CLIENT_IDLE_S = 60.0  # forget per-client state (rate bucket) after this long unheard
-_DROP_LOG_INTERVAL_S = 1.0  # at most one reply_dropped line per client per interval
+# Log lines per client and second: a client sending garbage at 1,000 frames/s would
+# otherwise cost the server a line per frame (and fill the disk); the lines left out
+# are counted in the next one logged.
+_ERROR_LINES_PER_S = 5
+_DROP_LINES_PER_S = 1
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
@@ -137,11 +141,24 @@ class _ClientState:
 
 
 @dataclass
-class _Drops:
-    """Replies dropped for one client since its last reply_dropped log line."""
+class _LogBudget:
+    """One kind of log line for one client: at most ``per_s`` lines a second."""
 
-    logged_at: float
-    unlogged: int = 0
+    per_s: int
+    window_start: float = -1e9
+    used: int = 0
+    left_out: int = 0
+
+    def take(self, now: float) -> int | None:
+        """None: leave this line out; else log it, with this many left out before it."""
+        if now - self.window_start >= 1.0:
+            self.window_start, self.used = now, 0
+        if self.used >= self.per_s:
+            self.left_out += 1
+            return None
+        self.used += 1
+        left_out, self.left_out = self.left_out, 0
+        return left_out
 
 
 @dataclass
@@ -318,7 +335,7 @@ class TraceServer:
         self._stop = threading.Event()
         self._closed = threading.Event()
         self._clients: dict[bytes, _ClientState] = {}
-        self._drops: dict[bytes, _Drops] = {}
+        self._log_budgets: dict[tuple[bytes, str], _LogBudget] = {}
         self._warmup_infer_ms: float | None = None
         # Clients that sent a predict within the last second: the worker waits for at most
         # this many, so a lone client never sits out the batch window for nobody.
@@ -556,7 +573,8 @@ class TraceServer:
         stale = [k for k, s in self._clients.items() if now - s.last_seen > _CLIENT_IDLE_S]
         for k in stale:
             del self._clients[k]
-            self._drops.pop(k, None)
+            self._log_budgets.pop((k, "request_error"), None)
+            self._log_budgets.pop((k, "reply_dropped"), None)
         quiet = [k for k, t in self._recent_predictors.items() if now - t > 1.0]
         for k in quiet:
             del self._recent_predictors[k]
@@ -607,15 +625,25 @@ class TraceServer:
         self, identity: bytes, code: ErrorCode, message: str, request_id: int | None, t_recv: float
     ) -> None:
         self._stats.errors[code.value] += 1
-        log_event(
-            logging.WARNING,
-            "request_error",
-            client=identity.hex(),
-            id=request_id,
-            code=code.value,
-            detail=repr(message),
-        )
+        left_out = self._log_budget(identity, "request_error", _ERROR_LINES_PER_S)
+        if left_out is not None:
+            log_event(
+                logging.WARNING,
+                "request_error",
+                client=identity.hex(),
+                id=request_id,
+                code=code.value,
+                detail=repr(message),
+                left_out=left_out,
+            )
         self._send(identity, wire.error_reply(code, message, request_id), t_recv)
+
+    def _log_budget(self, identity: bytes, event: str, per_s: int) -> int | None:
+        """``_LogBudget.take`` for this client's lines of ``event``."""
+        budget = self._log_budgets.get((identity, event))
+        if budget is None:
+            budget = self._log_budgets[(identity, event)] = _LogBudget(per_s)
+        return budget.take(time.monotonic())
 
     def _send(self, identity: bytes, header: dict[str, Any], t_recv: float) -> None:
         """Stamp total server time (receive -> send) and send without copying arrays."""
@@ -637,22 +665,17 @@ class TraceServer:
 
     def _dropped(self, identity: bytes, header: dict[str, Any]) -> None:
         self._stats.dropped_replies += 1
-        now = time.monotonic()
-        drops = self._drops.get(identity)
-        if drops is None:
-            drops = self._drops[identity] = _Drops(logged_at=now - _DROP_LOG_INTERVAL_S)
-        drops.unlogged += 1
-        if now - drops.logged_at >= _DROP_LOG_INTERVAL_S:
+        left_out = self._log_budget(identity, "reply_dropped", _DROP_LINES_PER_S)
+        if left_out is not None:
             log_event(
                 logging.WARNING,
                 "reply_dropped",
                 client=identity.hex(),
-                dropped=drops.unlogged,
+                dropped=left_out + 1,
                 last_id=header["id"],
                 kind=header["kind"],
                 reason=f"{self.send_hwm} replies wait unread",
             )
-            drops.logged_at, drops.unlogged = now, 0
 
     # ------------------------------------------------------------------ threads
 

@@ -190,16 +190,26 @@ def decode(
             "(send large arrays as frames)",
         )
     used: set[int] = set()
-    count = _element_counter()
+    left = MAX_HEADER_ELEMENTS  # as _element_counter, inlined: these run for every container
 
     def object_hook(value: dict[str, Any]) -> Any:  # msgpack calls this for every map
-        count(value)
+        nonlocal left
+        left -= len(value) + 1
+        if left < 0:
+            raise _too_many_values()
         if len(value) == 3 and value.keys() in _ARRAY_KEYS:
             return _decode_array(value, views, used)
         return value
 
+    def list_hook(value: list[Any]) -> list[Any]:
+        nonlocal left
+        left -= len(value) + 1
+        if left < 0:
+            raise _too_many_values()
+        return value
+
     try:
-        header = _unpack(views[0], object_hook, count)
+        header = _unpack(views[0], object_hook, list_hook)
         if not isinstance(header, dict):
             raise WireError(ErrorCode.MALFORMED, "header must be a msgpack map")
         if len(used) != len(views) - 1:
@@ -232,17 +242,22 @@ def _unpack(packed: memoryview, object_hook: Any, list_hook: Any) -> Any:
     )
 
 
+def _too_many_values() -> WireError:
+    return WireError(
+        ErrorCode.MALFORMED, f"header holds more than {MAX_HEADER_ELEMENTS} msgpack values"
+    )
+
+
 def _element_counter() -> Callable[[Any], Any]:
     """A hook for every completed container that refuses a header once its containers
     hold more than MAX_HEADER_ELEMENTS values together."""
-    budget = [MAX_HEADER_ELEMENTS]
+    left = MAX_HEADER_ELEMENTS
 
     def count(container: Any) -> Any:
-        budget[0] -= len(container) + 1
-        if budget[0] < 0:
-            raise WireError(
-                ErrorCode.MALFORMED, f"header holds more than {MAX_HEADER_ELEMENTS} msgpack values"
-            )
+        nonlocal left
+        left -= len(container) + 1
+        if left < 0:
+            raise _too_many_values()
         return container
 
     return count

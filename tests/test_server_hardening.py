@@ -311,3 +311,18 @@ def test_mu0_serve_gives_large_frames_back_to_the_os(tmp_path) -> None:
         proc.kill()
         proc.wait()
     assert after < 1.05 * before, (before, after)
+
+
+def test_a_garbage_flood_costs_a_few_log_lines_a_second(caplog) -> None:
+    with running_server(rate_limit_hz=0) as server, RawDealer(server.address) as dealer:
+        with caplog.at_level("WARNING", logger="mu0.server"):
+            for _ in range(200):
+                dealer.send_frames([b"\x00 not msgpack"])
+            assert all(dealer.recv(timeout_s=2)["kind"] == "error" for _ in range(200))
+            time.sleep(1.05)  # a new second: the next line reports what was left out
+            dealer.send_frames([b"\x00 not msgpack"])
+            assert dealer.recv(timeout_s=2)["kind"] == "error"
+        assert server.stats()["errors"]["malformed"] == 201  # every one counted
+    lines = [r.getMessage() for r in caplog.records if "event=request_error" in r.getMessage()]
+    assert len(lines) <= 11, len(lines)  # 5 a second at most, over at most two seconds
+    assert sum(int(line.split("left_out=")[1].split()[0]) for line in lines) + len(lines) == 201
