@@ -625,25 +625,25 @@ class TraceServer:
         self, identity: bytes, code: ErrorCode, message: str, request_id: int | None, t_recv: float
     ) -> None:
         self._stats.errors[code.value] += 1
-        left_out = self._log_budget(identity, "request_error", _ERROR_LINES_PER_S)
-        if left_out is not None:
-            log_event(
-                logging.WARNING,
-                "request_error",
-                client=identity.hex(),
-                id=request_id,
-                code=code.value,
-                detail=repr(message),
-                left_out=left_out,
-            )
+        self._log_limited(
+            identity,
+            "request_error",
+            _ERROR_LINES_PER_S,
+            id=request_id,
+            code=code.value,
+            detail=repr(message),
+        )
         self._send(identity, wire.error_reply(code, message, request_id), t_recv)
 
-    def _log_budget(self, identity: bytes, event: str, per_s: int) -> int | None:
-        """``_LogBudget.take`` for this client's lines of ``event``."""
+    def _log_limited(self, identity: bytes, event: str, per_s: int, **fields: Any) -> None:
+        """A WARNING line about this client, at most ``per_s`` of ``event`` a second; each
+        line says how many were left out (``left_out``) since the previous one."""
         budget = self._log_budgets.get((identity, event))
         if budget is None:
             budget = self._log_budgets[(identity, event)] = _LogBudget(per_s)
-        return budget.take(time.monotonic())
+        left_out = budget.take(time.monotonic())
+        if left_out is not None:
+            log_event(logging.WARNING, event, client=identity.hex(), left_out=left_out, **fields)
 
     def _send(self, identity: bytes, header: dict[str, Any], t_recv: float) -> None:
         """Stamp total server time (receive -> send) and send without copying arrays."""
@@ -665,17 +665,14 @@ class TraceServer:
 
     def _dropped(self, identity: bytes, header: dict[str, Any]) -> None:
         self._stats.dropped_replies += 1
-        left_out = self._log_budget(identity, "reply_dropped", _DROP_LINES_PER_S)
-        if left_out is not None:
-            log_event(
-                logging.WARNING,
-                "reply_dropped",
-                client=identity.hex(),
-                dropped=left_out + 1,
-                last_id=header["id"],
-                kind=header["kind"],
-                reason=f"{self.send_hwm} replies wait unread",
-            )
+        self._log_limited(
+            identity,
+            "reply_dropped",
+            _DROP_LINES_PER_S,
+            id=header["id"],
+            kind=header["kind"],
+            reason=f"{self.send_hwm} replies wait unread",
+        )
 
     # ------------------------------------------------------------------ threads
 

@@ -207,18 +207,24 @@ def test_decoding_a_hostile_header_costs_a_few_ms_and_mb(case: str) -> None:
     import tracemalloc
 
     header = _hostile_headers()[case]
-    tracemalloc.start()
-    t0 = time.perf_counter()
-    try:
+
+    def refuse() -> None:
         with pytest.raises(wire.WireError):
             wire.check_header(wire.decode([header]), wire.REQUEST_KINDS)
-        seconds = time.perf_counter() - t0
+
+    seconds = []
+    for _ in range(3):  # the best of three: the CI machine is shared
+        t0 = time.perf_counter()
+        refuse()
+        seconds.append(time.perf_counter() - t0)
+    tracemalloc.start()
+    try:
+        refuse()
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    # Unbounded, the first case took 4.65 s and 1.2 GB; the budget here is generous for
-    # tracemalloc's own slowdown on a shared CI machine.
-    assert seconds < 0.02 and peak < 4 << 20, (seconds, peak)
+    # Unbounded, the first case took 4.65 s and 1.2 GB; here each takes under 0.5 ms.
+    assert min(seconds) < 0.005 and peak < 4 << 20, (seconds, peak)
 
 
 def _client_that_reads_nothing(address: str) -> RawDealer:
