@@ -45,7 +45,11 @@ import msgpack  # noqa: E402
 
 from runtime import wire  # noqa: E402
 from runtime.client import ServerError, TraceClient  # noqa: E402
-from runtime.model_api import EchoTraceModel, make_observation  # noqa: E402
+from runtime.model_api import (  # noqa: E402
+    EchoTraceModel,
+    make_observation,
+    validate_observation,
+)
 from runtime.wire import Kind  # noqa: E402
 from tests.runtime_helpers import RawDealer, running_server, spawn_server  # noqa: E402
 
@@ -206,8 +210,9 @@ def _frames(obs: dict, rid: int = 1) -> list[bytes]:
 
 
 def fuzz_corpus(count: int, seed: int) -> list[list[bytes]]:
-    """``count`` malformed messages (lists of frames), the same for the same seed. Large
-    hostile frames are shared objects, so the corpus itself stays small."""
+    """``count`` malformed messages (lists of frames), the same for the same seed: every
+    one is refused by the wire checks or by validation, so none costs a model call.
+    Large hostile frames are shared objects, so the corpus itself stays small."""
     rng = np.random.default_rng(seed)
     large = _frames(make_observation(num_queries=16, seed=seed))  # header + rgb + depth
     small = _frames(make_observation(num_queries=4, image_size=(32, 32), depth=False, seed=seed))
@@ -300,8 +305,25 @@ def fuzz_corpus(count: int, seed: int) -> list[list[bytes]]:
         (0.002, lambda: [empty_maps_16mib]),  # the header that once stalled the server 4.65 s
     ]
     weights = np.array([w for w, _ in makers])
-    picks = rng.choice(len(makers), size=count, p=weights / weights.sum())
-    return [makers[i][1]() for i in picks]
+    weights /= weights.sum()
+    corpus = []
+    while len(corpus) < count:
+        message = makers[rng.choice(len(makers), p=weights)][1]()
+        if _is_malformed(message):  # a bit flip in image bytes leaves a valid request
+            corpus.append(message)
+    return corpus
+
+
+def _is_malformed(frames: list[bytes]) -> bool:
+    """True if a server of any image size would refuse the message."""
+    try:
+        header = wire.decode(frames)
+        kind, _, body = wire.check_header(header, wire.REQUEST_KINDS)
+        if kind is Kind.PREDICT:
+            validate_observation(body.get("obs"), None, max_queries=256)
+    except wire.WireError:
+        return True
+    return False
 
 
 def fuzz_worker(address: str, count: int, seed: int, rate_hz: float) -> dict:

@@ -39,6 +39,7 @@ def test_every_fuzz_frame_gets_one_typed_reply_beside_a_good_client() -> None:
             thread.join()
     assert report["unanswered"] == 0 and not report["untyped"]
     assert sum(report["replies"].values()) == 400
+    assert all(k.startswith("error:") for k in report["replies"])  # all malformed, as built
     codes = {k.split(":")[1] for k in report["replies"] if k.startswith("error:")}
     assert {"malformed", "bad_shape", "bad_value"} <= codes
     assert len(good_latencies) > 10 and np.median(good_latencies) < 100
