@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     fuzz.add_argument("--fuzz-worker", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fuzz_worker:
-        print(json.dumps(fuzz_worker(args.fuzz_worker, args.fuzz, args.seed, args.fuzz_rate)))
+        report = fuzz_worker(args.fuzz_worker, args.fuzz, args.seed, args.fuzz_rate, True)
+        print(json.dumps(report))
         return 0
     if args.fuzz:
         return fuzz_main(args)
@@ -326,9 +327,13 @@ def _is_malformed(frames: list[bytes]) -> bool:
     return False
 
 
-def fuzz_worker(address: str, count: int, seed: int, rate_hz: float) -> dict:
+def fuzz_worker(
+    address: str, count: int, seed: int, rate_hz: float, wait_for_go: bool = False
+) -> dict:
     """Send the corpus over 8 connections (at most 64 unanswered) and count the answers:
-    every frame must get one typed reply."""
+    every frame must get one typed reply. ``wait_for_go``: build the corpus and connect,
+    print "ready", and start sending once a line arrives on stdin (so that building the
+    corpus does not share the CPU with the phase being measured)."""
     from collections import Counter
 
     import zmq
@@ -343,6 +348,9 @@ def fuzz_worker(address: str, count: int, seed: int, rate_hz: float) -> dict:
     for s in socks:
         poller.register(s, zmq.POLLIN)
     replies: Counter = Counter()
+    if wait_for_go:
+        print("ready", flush=True)
+        sys.stdin.readline()
     untyped: list[str] = []
     outstanding = 0
 
@@ -430,16 +438,22 @@ def fuzz_main(args: argparse.Namespace) -> int:
 
         rss: dict[str, float] = {}
         thread = threading.Thread(target=good)
+        cmd = [sys.executable, __file__, "--fuzz-worker", address, "--fuzz", str(args.fuzz)]
+        cmd += ["--seed", str(args.seed), "--fuzz-rate", str(args.fuzz_rate)]
         try:
             thread.start()
+            worker = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO, text=True
+            )
             time.sleep(args.warmup_s)
+            if worker.stdout.readline().strip() != "ready":
+                raise RuntimeError("the fuzz worker did not start")
             rss["after_warm_up_mb"] = _rss_mb(proc.pid)
             phase[0] = "alone"
             time.sleep(args.seconds)
             phase[0] = "fuzz"
-            cmd = [sys.executable, __file__, "--fuzz-worker", address, "--fuzz", str(args.fuzz)]
-            cmd += ["--seed", str(args.seed), "--fuzz-rate", str(args.fuzz_rate)]
-            worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=REPO)
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
             peak = 0.0
             while worker.poll() is None:
                 peak = max(peak, _rss_mb(proc.pid))
