@@ -100,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     fuzz.add_argument("--warmup-s", type=float, default=3.0)
     fuzz.add_argument("--checkpoint", default=None, help="serve this μ0 (default: trivial)")
     fuzz.add_argument("--fuzz-worker", metavar="ADDRESS", help=argparse.SUPPRESS)
+    fuzz.add_argument(
+        "--hostile-headers", action="store_true", help="print what decoding each one costs"
+    )
     args = parser.parse_args(argv)
+    if args.hostile_headers:
+        return hostile_header_costs()
     if args.fuzz_worker:
         report = fuzz_worker(args.fuzz_worker, args.fuzz, args.seed, args.fuzz_rate, True)
         print(json.dumps(report))
@@ -210,6 +215,52 @@ def _frames(obs: dict, rid: int = 1) -> list[bytes]:
     return [bytes(f) for f in wire.encode(wire.request(Kind.PREDICT, rid, {"obs": obs}))]
 
 
+def hostile_headers() -> dict[str, bytes]:
+    """Frame-0 payloads built to make an unbounded msgpack decoder spend time and memory."""
+    # Under the 1 MiB header limit: a map of 1,000 lists of 1,000 empty maps (a byte each).
+    inner = b"\xdc" + (1000).to_bytes(2, "big") + b"\x80" * 1000
+    wide = b"\xde" + (1000).to_bytes(2, "big")
+    wide += b"".join(msgpack.packb(f"k{i}") + inner for i in range(1000))
+    strings = {"v": wire.PROTOCOL_VERSION, "kind": "ping", "id": 1, "x": [["ab"] * 1000] * 300}
+    return {
+        "16_mib_of_empty_maps": b"\xdd" + (16 << 20).to_bytes(4, "big") + b"\x80" * (16 << 20),
+        "1_mib_of_nested_maps": wide,
+        "huge_claimed_length": b"\xdd\xff\xff\xff\xff",  # a list claiming 4 billion elements
+        "deep_nesting": b"\x91" * 100_000 + b"\xc0",
+        "many_small_strings": msgpack.packb(strings),
+    }
+
+
+def _refusal(header: bytes) -> str:
+    """The error code a server answers this frame 0 with, or "accepted"."""
+    try:
+        wire.check_header(wire.decode([header]), wire.REQUEST_KINDS)
+    except wire.WireError as exc:
+        return exc.code.value
+    return "accepted"
+
+
+def hostile_header_costs() -> int:
+    """Print what decoding each hostile header costs: best of 5 wall times, and the peak
+    of Python allocations (tracemalloc) during one more."""
+    import tracemalloc
+
+    print("| header | bytes | answer | ms (best of 5) | MB (peak) |")
+    print("|---|---|---|---|---|")
+    for name, header in hostile_headers().items():
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            answer = _refusal(header)
+            best = min(best, time.perf_counter() - t0)
+        tracemalloc.start()
+        _refusal(header)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"| {name} | {len(header):,} | {answer} | {best * 1e3:.3f} | {peak / 2**20:.2f} |")
+    return 0
+
+
 def fuzz_corpus(count: int, seed: int) -> list[list[bytes]]:
     """``count`` malformed messages (lists of frames), the same for the same seed: every
     one is refused by the wire checks or by validation, so none costs a model call.
@@ -218,10 +269,7 @@ def fuzz_corpus(count: int, seed: int) -> list[list[bytes]]:
     large = _frames(make_observation(num_queries=16, seed=seed))  # header + rgb + depth
     small = _frames(make_observation(num_queries=4, image_size=(32, 32), depth=False, seed=seed))
     small_map = msgpack.unpackb(small[0])
-    empty_maps_16mib = b"\xdd" + (16 << 20).to_bytes(4, "big") + b"\x80" * (16 << 20)
-    inner = b"\xdc" + (1000).to_bytes(2, "big") + b"\x80" * 1000
-    nested_1mib = b"\xde" + (1000).to_bytes(2, "big")
-    nested_1mib += b"".join(msgpack.packb(f"k{i}") + inner for i in range(1000))
+    hostile = hostile_headers()
 
     def mutated_obs() -> list[bytes]:
         obs = make_observation(num_queries=4, image_size=(32, 32), depth=False, seed=seed)
@@ -300,10 +348,11 @@ def fuzz_corpus(count: int, seed: int) -> list[list[bytes]]:
         (0.04, bool_two),
         (0.02, lambda: [msgpack.packb({"v": 2, 1: 2})]),  # a non-string key
         (0.02, lambda: [msgpack.packb(msgpack.ExtType(1, b"x"))]),
-        (0.01, lambda: [b"\xdd\xff\xff\xff\xff"]),  # a list claiming 4 billion elements
-        (0.01, lambda: [b"\x91" * 100_000 + b"\xc0"]),  # nested 100,000 deep
-        (0.018, lambda: [nested_1mib]),
-        (0.002, lambda: [empty_maps_16mib]),  # the header that once stalled the server 4.65 s
+        (0.01, lambda: [hostile["huge_claimed_length"]]),
+        (0.01, lambda: [hostile["deep_nesting"]]),
+        (0.01, lambda: [hostile["1_mib_of_nested_maps"]]),
+        (0.008, lambda: [hostile["many_small_strings"]]),
+        (0.002, lambda: [hostile["16_mib_of_empty_maps"]]),  # once stalled the server 4.65 s
     ]
     weights = np.array([w for w, _ in makers])
     weights /= weights.sum()
