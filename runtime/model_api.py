@@ -59,8 +59,10 @@ _OBS_FIELDS = frozenset({"rgb", "depth_m", "instruction", "hist_uvz", "hist_vali
 # Value ranges of an observation (docs/protocol.md, "predict"). Beyond them a model computes
 # NaN or inf (|u| = 1e30, fx = 0) or spends a forward pass on nonsense; a tokenizer takes
 # 0.5 s over a 500,000-character instruction, a delay every request batched with it shares.
-MAX_ABS_UV = 4.0  # normalised: the image spans [-1, 1]; this is 1.5 image widths beyond
-MAX_Z_M = 1000.0
+# The image spans [-1, 1]; points well outside it are real (a gripper leaving the view:
+# run-real sends u = -4.7), and the tiny μ0 stays finite up to |u| = 1e8, not at 1e30.
+MAX_ABS_UV = 1000.0
+MAX_Z_M = 1000.0  # the fast path below relies on MAX_Z_M >= MAX_ABS_UV
 MAX_INSTRUCTION_CHARS = 2048
 
 
@@ -134,8 +136,8 @@ def _check_values(obs: dict[str, Any], W: int, H: int) -> None:
             f"'intrinsics' principal point ({cx}, {cy}) must lie inside the {W}x{H} image",
         )
     hist = obs["hist_uvz"]
-    # Fast path for the common case, every value in [-4, 4] and every z > 0: three
-    # reductions (NaN fails their comparisons) instead of the masked check below.
+    # Fast path for the common case, every value within +-MAX_ABS_UV and every z > 0:
+    # three reductions (NaN fails their comparisons) instead of the masked check below.
     if (
         float(hist.min()) >= -MAX_ABS_UV
         and float(hist.max()) <= MAX_ABS_UV
