@@ -46,6 +46,7 @@ log = logging.getLogger("mu0.server")
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _CLIENT_IDLE_S = 60.0  # forget per-client state (rate bucket) after this long unheard
+_TRACE = Kind.TRACE.value
 # Log lines per client and second: a client sending garbage at 1,000 frames/s would
 # otherwise cost the server a line per frame (and fill the disk); the lines left out
 # are counted in the next one logged.
@@ -66,9 +67,6 @@ def return_large_buffers_to_the_os(threshold_bytes: int = 4 << 20) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
-
-
-_TRACE = Kind.TRACE.value
 
 
 def log_event(level: int, event: str, **fields: Any) -> None:
