@@ -108,7 +108,7 @@ class AxisCoverage:
 
     def motion_to_add(self) -> str:
         names = ("x", "y", "z")
-        others = [names[k] for k in np.argsort(np.abs(self.axis))[:2]]
+        others = sorted(names[k] for k in np.argsort(np.abs(self.axis))[:2])
         return f"tilt the wrist about the {self.frame}'s {others[0]} or {others[1]} axis too"
 
 
