@@ -128,6 +128,14 @@ class RealSenseConfig:
     # Live devices: stamp frames in the host's clock (the SDK's "global time"), so capture
     # times compare with this machine's clock without an estimate.
     global_time: bool = True
+    # Depth to colour: "mu0" (`align_depth_to_color`: valid depth stays valid, holes stay
+    # holes) or "sdk" (rs.align, which blanks rows and columns of valid depth and fills
+    # isolated holes from a neighbour: tests/test_realsense.py measures both).
+    align: str = "mu0"
+
+    def __post_init__(self) -> None:
+        if self.align not in ("mu0", "sdk"):
+            raise ValueError(f"align must be 'mu0' or 'sdk', got {self.align!r}")
 
 
 def find_realsense() -> list[DeviceInfo]:
@@ -202,6 +210,10 @@ class RealSenseCamera:
         self._sensors: list[Any] = []
         self._syncer: Any = None
         self._align: Any = None
+        # Depth intrinsics (fx, fy, cx, cy), and depth -> colour, read at connect().
+        self._depth_intrinsics: np.ndarray | None = None
+        self._T_color_depth = np.eye(4)
+        self._last_captured_at = -np.inf
         self._clock = _ClockOffset()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -401,13 +413,14 @@ class RealSenseCamera:
                     sensor.set_option(rs.option.global_time_enabled, 1)
         color = profile.get_stream(rs.stream.color).as_video_stream_profile()
         self._set_intrinsics(rs, color)
+        self._set_depth_geometry(profile.get_stream(rs.stream.depth), color)
         return device
 
     def _open_sensors(self, rs: Any, device: Any) -> None:
         """Open a (software) device's depth and colour sensors into a frame syncer."""
         cfg = self.config
         self._syncer = rs.syncer(4)
-        color_profile = None
+        color_profile = depth_profile = None
         for sensor in device.query_sensors():
             profiles = [
                 p
@@ -429,9 +442,20 @@ class RealSenseCamera:
             self._sensors.append(sensor)
             if p.stream_type() == rs.stream.color:
                 color_profile = p.as_video_stream_profile()
-        if color_profile is None or len(self._sensors) < 2:
+            else:
+                depth_profile = p.as_video_stream_profile()
+        if color_profile is None or depth_profile is None:
             raise RuntimeError("the device needs a depth and a colour stream")
         self._set_intrinsics(rs, color_profile)
+        self._set_depth_geometry(depth_profile, color_profile)
+
+    def _set_depth_geometry(self, depth_profile: Any, color_profile: Any) -> None:
+        intr = depth_profile.as_video_stream_profile().get_intrinsics()
+        self._depth_intrinsics = np.array([intr.fx, intr.fy, intr.ppx, intr.ppy])
+        ext = depth_profile.get_extrinsics_to(color_profile)
+        self._T_color_depth = np.eye(4)
+        self._T_color_depth[:3, :3] = np.asarray(ext.rotation).reshape(3, 3).T  # column-major
+        self._T_color_depth[:3, 3] = ext.translation
 
     def _set_intrinsics(self, rs: Any, color_profile: Any) -> None:
         intr = color_profile.get_intrinsics()
@@ -461,7 +485,9 @@ class RealSenseCamera:
         try:
             while not self._stop.is_set():
                 ok, frames = self._wait()
-                received_at = time.monotonic()
+                # Both clocks at once, before any processing: a host-clock stamp converts to
+                # the monotonic clock by their difference at this instant.
+                received_at, received_wall = time.monotonic(), time.time()
                 if not ok:
                     if self.is_playback and self._playback_stopped():
                         self._finish()
@@ -476,7 +502,7 @@ class RealSenseCamera:
                         waiting_since = received_at
                     continue
                 waiting_since = received_at
-                frame = self._convert(rs, frames, received_at)
+                frame = self._convert(rs, frames, received_at, received_wall)
                 if frame is None:
                     self.counts["incomplete"] += 1
                     continue
@@ -524,17 +550,31 @@ class RealSenseCamera:
         if self._queue is not None:
             self._put(frame)
 
-    def _convert(self, rs: Any, frames: Any, received_at: float) -> RealSenseFrame | None:
+    def _aligned_depth_m(self, frames: Any) -> np.ndarray | None:
+        """float32[H, W] metres in the colour image, 0 where nothing was measured."""
+        if self.config.align == "sdk":
+            depth = self._align.process(frames).get_depth_frame()
+            if not depth:
+                return None
+            return np.asanyarray(depth.get_data()).astype(np.float32) * np.float32(self.depth_scale)
+        depth = frames.get_depth_frame()
+        raw_m = np.asanyarray(depth.get_data()).astype(np.float32) * np.float32(self.depth_scale)
+        W, H = self.image_size
+        return align_depth_to_color(
+            raw_m, self._depth_intrinsics, self.intrinsics, self._T_color_depth, (H, W)
+        )
+
+    def _convert(
+        self, rs: Any, frames: Any, received_at: float, received_wall: float
+    ) -> RealSenseFrame | None:
         if not frames.first_or_default(rs.stream.depth) or not frames.first_or_default(
             rs.stream.color
         ):
             return None  # a syncer hands over a lone frame while its partner is late
-        aligned = self._align.process(frames)
-        depth, color = aligned.get_depth_frame(), aligned.get_color_frame()
-        if not depth or not color:
+        color = frames.get_color_frame()
+        depth_m = self._aligned_depth_m(frames)
+        if depth_m is None or not color:
             return None
-        z16 = np.asanyarray(depth.get_data())
-        depth_m = z16.astype(np.float32) * np.float32(self.depth_scale)
         rgb = np.array(np.asanyarray(color.get_data()), dtype=np.uint8, copy=True)
         color_format = color.get_profile().format()
         if color_format == rs.format.bgr8:  # realsense-viewer may record BGR
@@ -545,9 +585,12 @@ class RealSenseCamera:
         domain = str(color.get_frame_timestamp_domain()).split(".")[-1]
         if not self.is_playback and domain in ("system_time", "global_time"):
             # Host-clock stamps: milliseconds since the epoch on this machine.
-            captured_at = received_at - (time.time() - timestamp_ms / 1e3)
+            captured_at = received_at - (received_wall - timestamp_ms / 1e3)
         else:
             captured_at = self._clock.captured_at(timestamp_ms / 1e3, received_at)
+        # A step of the wall clock (NTP) must not send capture times backwards.
+        captured_at = max(min(captured_at, received_at), self._last_captured_at + 1e-6)
+        self._last_captured_at = captured_at
         return RealSenseFrame(
             rgb=rgb,
             depth_m=depth_m,
@@ -556,10 +599,108 @@ class RealSenseCamera:
             frame_number=int(color.get_frame_number()),
             timestamp_ms=timestamp_ms,
             timestamp_domain=domain,
-            captured_at=min(captured_at, received_at),
+            captured_at=captured_at,
             received_at=received_at,
             depth_scale=self.depth_scale,
         )
+
+
+def align_depth_to_color(
+    depth_m: np.ndarray,
+    depth_intrinsics: np.ndarray,
+    color_intrinsics: np.ndarray,
+    T_color_depth: np.ndarray,
+    color_hw: tuple[int, int],
+    iterations: int = 8,
+) -> np.ndarray:
+    """Depth as the colour camera sees it: float32[Hc, Wc], z in metres, 0 = no depth.
+
+    depth_m: float32[Hd, Wd] (0 = none); intrinsics: (fx, fy, cx, cy) of each image
+    (pinhole); T_color_depth: float64[4, 4] depth -> colour. For every colour pixel, the
+    depth pixel that sees the same surface point is found along the colour pixel's ray
+    (a fixed point: a depth guess picks a depth pixel, whose measurement gives the next
+    guess; the stereo baseline is small, so a few steps settle it), starting from the
+    depth pixels projected forward (nearest first). The colour pixel takes that depth
+    pixel's measurement, carried to the exact spot by its inverse-depth slope on the same
+    surface (exact on a plane), or nothing when the depth pixel has none: valid
+    depth stays valid at any resolution ratio, and holes stay holes. Pixels whose guess
+    does not settle (depth edges seen differently by the two cameras) get 0.
+    """
+    depth = np.asarray(depth_m, dtype=np.float64)
+    Hd, Wd = depth.shape
+    Hc, Wc = color_hw
+    fxd, fyd, cxd, cyd = (float(x) for x in depth_intrinsics)
+    fxc, fyc, cxc, cyc = (float(x) for x in color_intrinsics)
+    R, t = T_color_depth[:3, :3], T_color_depth[:3, 3]
+    valid = depth > 0
+    # Forward: every measured point into the colour image, the nearest one per pixel.
+    v, u = np.nonzero(valid)
+    z = depth[v, u]
+    P = (np.stack([(u - cxd) / fxd * z, (v - cyd) / fyd * z, z], axis=1)) @ R.T + t
+    uc = np.rint(fxc * P[:, 0] / P[:, 2] + cxc).astype(np.int64)
+    vc = np.rint(fyc * P[:, 1] / P[:, 2] + cyc).astype(np.int64)
+    inside = (uc >= 0) & (uc < Wc) & (vc >= 0) & (vc < Hc) & (P[:, 2] > 0)
+    guess = np.full(Hc * Wc, np.inf)
+    np.minimum.at(guess, vc[inside] * Wc + uc[inside], P[inside, 2])
+    guess = guess.reshape(Hc, Wc)
+    # Colour pixels between projected points (colour finer than depth) start from their
+    # neighbourhood's nearest surface.
+    import cv2  # the `real` extra installs it alongside pyrealsense2
+
+    k = 2 * int(np.ceil(max(Wc / Wd, Hc / Hd))) + 1
+    empty = ~np.isfinite(guess)
+    filled = cv2.erode(guess.astype(np.float32), np.ones((k, k), np.uint8)).astype(np.float64)
+    guess = np.where(empty, filled, guess)
+    # Backward: colour rays into the depth image, in the depth camera's frame.
+    xs, ys = np.meshgrid((np.arange(Wc) - cxc) / fxc, (np.arange(Hc) - cyc) / fyc)
+    ray = np.stack([xs, ys, np.ones((Hc, Wc))], axis=-1)
+    ray_d = ray @ R  # R^T applied to each ray
+    t_d = -R.T @ t
+    inv = np.where(valid, 1.0 / np.where(valid, depth, 1.0), 0.0)
+    start = np.isfinite(guess)
+    zc = np.where(start, guess, 1.0)
+    hit = settled = start
+    for _ in range(iterations):
+        Pd = ray_d * zc[..., None] + t_d
+        front = Pd[..., 2] > 1e-6
+        zd = np.where(front, Pd[..., 2], 1.0)
+        ud, vd = fxd * Pd[..., 0] / zd + cxd, fyd * Pd[..., 1] / zd + cyd
+        ni, nj = np.rint(vd).astype(np.int64), np.rint(ud).astype(np.int64)
+        hit = front & (ni >= 0) & (ni < Hd) & (nj >= 0) & (nj < Wd)
+        ni, nj = np.clip(ni, 0, Hd - 1), np.clip(nj, 0, Wd - 1)
+        hit &= valid[ni, nj]
+        measured = _depth_near(inv, ud, vd, ni, nj)
+        # The point on the colour ray whose depth-frame z is the measurement; a ray that
+        # lands on a hole keeps its guess (the next step may land elsewhere).
+        z_new = np.where(hit, (measured - t_d[2]) / ray_d[..., 2], zc)
+        settled = np.abs(z_new - zc) < 1e-6
+        zc = z_new
+    ok = start & hit & settled
+    return np.where(ok, zc, 0.0).astype(np.float32)
+
+
+def _depth_near(inv, ud, vd, ni, nj) -> np.ndarray:
+    """Depth at (ud, vd): the nearest pixel's inverse depth plus its slope times the offset
+    (1/z is linear across the image of a plane, so planes come out exact). Slopes use the
+    neighbours on the same surface (within 3 % in 1/z): central, one-sided next to a hole
+    or an edge, none when both are missing."""
+    Hd, Wd = inv.shape
+    near = inv[ni, nj]
+
+    def slope(di: int, dj: int) -> np.ndarray:
+        sides = []
+        for sign in (-1, 1):
+            i, j = ni + sign * di, nj + sign * dj
+            inside = (i >= 0) & (i < Hd) & (j >= 0) & (j < Wd)
+            x = inv[np.clip(i, 0, Hd - 1), np.clip(j, 0, Wd - 1)]
+            sides.append((x, inside & (x > 0) & (np.abs(x - near) <= 0.03 * near)))
+        (a, ok_a), (b, ok_b) = sides
+        return np.where(
+            ok_a & ok_b, (b - a) / 2, np.where(ok_b, b - near, np.where(ok_a, near - a, 0.0))
+        )
+
+    inv_z = near + slope(0, 1) * (ud - nj) + slope(1, 0) * (vd - ni)
+    return 1.0 / np.where(inv_z > 0, inv_z, np.inf)
 
 
 def _info(rs: Any, device: Any, key: Any) -> str:
@@ -626,6 +767,9 @@ class SoftwareRealSense:
     intrinsics: tuple[float, float, float, float] | None = None  # fx, fy, cx, cy
     depth_units: float | None = None
     depth_to_color_m: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # The colour stream's own size and intrinsics (default: the depth stream's).
+    color_size: tuple[int, int] | None = None  # (width, height)
+    color_intrinsics: tuple[float, float, float, float] | None = None
     device: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -635,19 +779,24 @@ class SoftwareRealSense:
         if self.intrinsics is None:
             f = 0.9 * self.width
             self.intrinsics = (f, f, (self.width - 1) / 2, (self.height - 1) / 2)
+        if self.color_size is None:
+            self.color_size = (self.width, self.height)
+        if self.color_intrinsics is None:
+            sx, sy = self.color_size[0] / self.width, self.color_size[1] / self.height
+            fx, fy, cx, cy = self.intrinsics
+            self.color_intrinsics = (fx * sx, fy * sy, (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5)
         self._rs = rs
         dev = self.device = rs.software_device()
         dev.register_info(rs.camera_info.serial_number, self.serial)
         dev.register_info(rs.camera_info.name, f"Intel RealSense {self.model} (software)")
         self._depth_sensor = dev.add_sensor("Stereo Module")
         self._color_sensor = dev.add_sensor("RGB Camera")
-        intr = rs.intrinsics()
-        intr.width, intr.height = self.width, self.height
-        intr.fx, intr.fy, intr.ppx, intr.ppy = (float(x) for x in self.intrinsics)
-        intr.model = rs.distortion.none
-        intr.coeffs = [0.0] * 5
-        self._depth_profile = self._add_stream(self._depth_sensor, rs.stream.depth, 0, intr)
-        self._color_profile = self._add_stream(self._color_sensor, rs.stream.color, 1, intr)
+        self._depth_profile = self._add_stream(
+            self._depth_sensor, rs.stream.depth, 0, (self.width, self.height), self.intrinsics
+        )
+        self._color_profile = self._add_stream(
+            self._color_sensor, rs.stream.color, 1, self.color_size, self.color_intrinsics
+        )
         self._depth_sensor.add_read_only_option(rs.option.depth_units, float(self.depth_units))
         extrinsics = rs.extrinsics()
         extrinsics.rotation = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
@@ -657,11 +806,16 @@ class SoftwareRealSense:
         self._frame_number = 0
         self._keep: deque[np.ndarray] = deque(maxlen=16)  # buffers the SDK may still read
 
-    def _add_stream(self, sensor: Any, stream: Any, uid: int, intr: Any) -> Any:
+    def _add_stream(self, sensor: Any, stream: Any, uid: int, size: Any, K: Any) -> Any:
         rs = self._rs
+        intr = rs.intrinsics()
+        intr.width, intr.height = size
+        intr.fx, intr.fy, intr.ppx, intr.ppy = (float(x) for x in K)
+        intr.model = rs.distortion.none
+        intr.coeffs = [0.0] * 5
         vs = rs.video_stream()
         vs.type, vs.index, vs.uid = stream, 0, uid
-        vs.width, vs.height, vs.fps, vs.intrinsics = self.width, self.height, self.fps, intr
+        vs.width, vs.height, vs.fps, vs.intrinsics = size[0], size[1], self.fps, intr
         if stream == rs.stream.depth:
             vs.bpp, vs.fmt = 2, rs.format.z16
         else:
@@ -677,9 +831,10 @@ class SoftwareRealSense:
         """Feed one colour + depth pair (same stamp and frame number); returns the number."""
         rs = self._rs
         H, W = self.height, self.width
-        if rgb.shape != (H, W, 3) or depth_m.shape != (H, W):
+        Wc, Hc = self.color_size
+        if rgb.shape != (Hc, Wc, 3) or depth_m.shape != (H, W):
             raise ValueError(
-                f"expected rgb {(H, W, 3)} and depth {(H, W)}, got {rgb.shape}, {depth_m.shape}"
+                f"expected rgb {(Hc, Wc, 3)} and depth {(H, W)}, got {rgb.shape}, {depth_m.shape}"
             )
         stamp = time.time() * 1e3 if timestamp_ms is None else float(timestamp_ms)
         number = self._frame_number
@@ -693,7 +848,7 @@ class SoftwareRealSense:
         ):
             f = rs.software_video_frame()
             f.pixels = pixels
-            f.bpp, f.stride = bpp, bpp * W
+            f.bpp, f.stride = bpp, bpp * pixels.shape[1]
             f.timestamp = stamp
             f.domain = rs.timestamp_domain.system_time
             f.frame_number = number
