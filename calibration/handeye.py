@@ -79,8 +79,8 @@ class HandEyeLimits:
     max_chain_mm: float = 4.0
     good_chain_mm: float = 2.0
     # Leave-one-out: the largest change of the answer when one view is left out.
-    good_loo_mm: float = 1.0
-    good_loo_deg: float = 0.1
+    good_loo_mm: float = 2.0
+    good_loo_deg: float = 0.2
     max_loo_mm: float = 5.0
     max_loo_deg: float = 0.5
 
@@ -583,7 +583,8 @@ def _leave_one_out(chain: _Chain, X: np.ndarray, Y: np.ndarray, used: list[int])
     for k in range(len(used)):
         Xk, _ = _refine(chain.without_many([k]).residuals, X, Y, iterations=8)
         mm, deg = pose_error(Xk, X)
-        if worst[2] is None or mm / 1.0 + deg / 0.1 > worst[0] / 1.0 + worst[1] / 0.1:
+        # Millimetres and degrees weighed as the limits weigh them (1 mm ~ 0.1°).
+        if worst[2] is None or mm + 10 * deg > worst[0] + 10 * worst[1]:
             worst = (mm, deg, used[k])
     return worst
 

@@ -36,6 +36,13 @@ def add_bench_parser(what) -> None:
     p.add_argument("--eye-in-hand", action="store_true", help="also calibrate the wrist camera")
     p.add_argument("--pose-noise-mm", type=float, default=0.0)
     p.add_argument("--pose-noise-deg", type=float, default=0.0)
+    p.add_argument(
+        "--bad",
+        action="append",
+        default=[],
+        metavar="VIEW:METRES:DEGREES",
+        help="make a view's robot pose wrong by this much (repeatable), e.g. 3:0.02:0 11:0:5",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument(
         "--sweep", action="store_true", help="the refusal/outlier cases over seeds (no render)"
@@ -174,8 +181,10 @@ def _print(figures: dict) -> None:
         f"{figures['kind']:12s} {figures['camera']:20s} views {figures['views_used']}/"
         f"{figures['views_captured']} used  T error {figures['trans_err_mm']:.3f} mm "
         f"{figures['rot_err_deg']:.4f} deg  reprojection {figures['reprojection_rms_px']:.3f} px "
-        f"({figures['method']})"
+        f"({figures['method']}), verdict {figures.get('verdict', '(none)')}"
     )
+    for warning in figures.get("warnings", []):
+        print(f"{'':12s} {warning}")
     for view, reason in figures["views_rejected"].items():
         print(f"{'':12s} view {view} rejected: {reason}")
 
@@ -188,6 +197,14 @@ def run(args: argparse.Namespace) -> int:
         return run_sweep(args)
     if args.poses < 15:
         print(f"note: {args.poses} poses; the acceptance figure is for 15 or more")
+    try:
+        bad = {int(v): (float(m), float(d)) for v, m, d in (b.split(":") for b in args.bad)}
+    except ValueError:
+        raise SystemExit(
+            f"--bad takes VIEW:METRES:DEGREES, e.g. 3:0.02:0; got {args.bad}"
+        ) from None
+    from calibration.handeye import CalibrationError
+
     t0 = time.perf_counter()
     with CharucoSimScene(
         robot=args.robot,
@@ -200,15 +217,21 @@ def run(args: argparse.Namespace) -> int:
         runs = {}
         for kind in kinds:
             t = time.perf_counter()
-            figures = simulate_calibration(
-                scene,
-                kind,
-                num_poses=args.poses,
-                seed=args.seed,
-                pose_noise_mm=args.pose_noise_mm,
-                pose_noise_deg=args.pose_noise_deg,
-            )
+            try:
+                figures = simulate_calibration(
+                    scene,
+                    kind,
+                    num_poses=args.poses,
+                    seed=args.seed,
+                    pose_noise_mm=args.pose_noise_mm,
+                    pose_noise_deg=args.pose_noise_deg,
+                    bad=bad,
+                )
+            except CalibrationError as e:
+                print(f"{kind:12s} refused: {e}")
+                return 1
             figures.pop("result")
+            figures["bad_views"] = {str(k): list(v) for k, v in bad.items()}
             figures["seconds"] = round(time.perf_counter() - t, 2)
             runs[kind] = figures
             _print(figures)
