@@ -217,7 +217,7 @@ def calibrate_hand_eye(
             X, Y, method, per_method = _initial_guess(kind, poses, views, used, chain)
             if not refine:
                 break
-            X, Y = _consensus_guess(
+            X, Y, outside = _consensus_guess(
                 kind, poses, views, used, chain, (X, Y), view_px_limit, limits.max_view_mm
             )
             method += "+LM"
@@ -241,11 +241,19 @@ def calibrate_hand_eye(
                 continue
         if not refusing:
             break
-        suspects = {i: r for i, r in sorted(rejected.items()) if r.startswith("disagrees")}
+        suspects = {i: r for i, r in rejected.items() if r.startswith("disagrees")}
+        # A fit on few views can absorb one wrong view; the start most views agreed with
+        # names those too.
+        suspects = dict(sorted((outside | suspects).items()))
+        named = (
+            f"views {', '.join(map(str, suspects))} disagree"
+            if len(suspects) > 1
+            else f"view {next(iter(suspects))} disagrees"
+        )
         raise CalibrationError(
-            f"views {', '.join(map(str, suspects))} disagree with the others ({usable - len(suspects)} "
-            f"of {usable} usable views would be left, need {need}): check that each robot "
-            "pose is read with the arm at rest, then recapture those views or add more; "
+            f"{named} with the others ({usable - len(suspects)} of {usable} usable views "
+            f"would be left, need {need}): check that each robot pose is read with the arm at "
+            "rest, then recapture those views or add more; "
             + "; ".join(f"view {i}: {r}" for i, r in suspects.items())
         )
 
@@ -523,6 +531,7 @@ def _consensus_guess(kind, poses, views, used, chain: _Chain, start, px_limit, m
     """A start that most views agree with, found as RANSAC does: hand-eye solves on small
     subsets of views (all of them for a few views, random ones for many), each scored by
     how many views fit it within the limits; the best is refined on the views it fits.
+    Returns (X, Y, {view: reason} for the views outside that consensus).
 
     With a third of the views wrong, a solve on all of them (and the median residual
     judging it) is dragged towards the wrong ones; a subset of right views is not.
@@ -540,9 +549,9 @@ def _consensus_guess(kind, poses, views, used, chain: _Chain, start, px_limit, m
     def agree(X, Y):
         rms = chain.view_rms(X, Y)
         ok = (rms <= px_limit) & (chain.view_mm(rms) <= mm_limit)
-        return int(ok.sum()), float(np.median(np.sort(rms)[: max(int(ok.sum()), 1)])), ok
+        return int(ok.sum()), float(np.median(np.sort(rms)[: max(int(ok.sum()), 1)])), ok, rms
 
-    best = None
+    best = None  # (views agreeing, their median RMS, agreeing mask, X, Y, every view's RMS)
     for sub in subsets:
         if sub is None:
             X, Y = start
@@ -555,14 +564,22 @@ def _consensus_guess(kind, poses, views, used, chain: _Chain, start, px_limit, m
             if n <= 8:  # few subsets: afford fitting each to its own views' corners
                 rest = [k for k in range(n) if k not in sub]
                 X, Y = _refine(chain.without_many(rest).residuals, X, Y, iterations=8)
-        count, med, ok = agree(X, Y)
+        count, med, ok, rms = agree(X, Y)
         if best is None or (count, -med) > (best[0], -best[1]):
-            best = (count, med, ok, X, Y)
-    _, _, ok, X, Y = best
+            best = (count, med, ok, X, Y, rms)
+    _, _, ok, X, Y, rms = best
     if ok.sum() >= 3:
         fit = chain.without_many(np.flatnonzero(~ok))
         X, Y = _refine(fit.residuals, X, Y, iterations=10)
-    return X, Y
+        rms = chain.view_rms(X, Y)
+        ok = (rms <= px_limit) & (chain.view_mm(rms) <= mm_limit)
+    mm = chain.view_mm(rms)
+    outside = {
+        used[k]: f"disagrees with the views most agree with: {rms[k]:.2f} px, {mm[k]:.1f} mm "
+        f"at the board (limits {px_limit:.2f} px, {mm_limit:g} mm)"
+        for k in np.flatnonzero(~ok)
+    }
+    return X, Y, outside
 
 
 def _robust_fit(chain: _Chain, X: np.ndarray, Y: np.ndarray, rounds: int = 4):

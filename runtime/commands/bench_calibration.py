@@ -94,11 +94,8 @@ def run_case(name: str, kind: str, seed: int) -> dict:
     except CalibrationError as e:
         msg = str(e)
         head = msg.split(":")[0]
-        named = (
-            [int(v) for v in re.findall(r"\d+", head.split("disagree")[0])]
-            if ("disagree with the others" in head)
-            else []
-        )
+        named = re.match(r"views? ([\d, ]+) disagrees? with the others", head)
+        named = [int(v) for v in named.group(1).split(", ")] if named else []
         ok = rule in ("refused", "not good", "bad caught")
         return out | {"verdict": "refused", "message": msg, "named": named, "ok": ok}
     trans_mm, rot_deg = pose_error(r.T_ref_cam, s.truth)
