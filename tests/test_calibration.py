@@ -481,3 +481,16 @@ def test_calibrate_sim_runs_headless_without_mujoco_gl(tmp_path):
     (path,) = tmp_path.glob("eye_to_hand_*.json")
     q = json.loads(path.read_text())["quality"]
     assert q["verdict"] in ("good", "marginal") and q["views_used"] >= 6
+
+
+def test_calibrate_prints_refused_with_the_reason_and_writes_nothing(capsys):
+    from calibration.session import CaptureSession
+    from calibration.synthetic import K_640, make_pose_set
+    from runtime.commands.calibrate import _solve
+
+    s = make_pose_set("eye_in_hand", 12, seed=0, rotations="one_axis")
+    session = CaptureSession("eye_in_hand", SPEC, K_640, poses=s.T_base_eef, views=s.views)
+    assert _solve(session) is None
+    out = capsys.readouterr().out
+    assert out.startswith("verdict: refused (every turn of the wrist")
+    assert "nothing written" in out
