@@ -8,19 +8,21 @@ base=${1:-171634e}
 seeds=${2:-10}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$repo/.venv/bin/python}
-old=$(mktemp -d)
-trap 'rm -rf "$old"' EXIT
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+old=$tmp/old
+mkdir -p "$old" "$tmp/run"
 git -C "$repo" archive "$base" calibration | tar -x -C "$old"
 cp "$repo/calibration/synthetic.py" "$old/calibration/"  # the cases, not the solver
 export MUJOCO_GL=${MUJOCO_GL:-egl} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 for side in before after; do
   echo "== $side: sweep"
   path=$([ $side = before ] && echo "$old:$repo" || echo "$repo")
-  # From another directory, so the old calibration package comes first on the path.
-  (cd "$old" && PYTHONPATH=$path "$py" -m runtime.cli bench calibration --sweep --seeds "$seeds" || true)
+  # From an empty directory: python -m puts the working directory first on the path.
+  (cd "$tmp/run" && PYTHONPATH=$path "$py" -m runtime.cli bench calibration --sweep --seeds "$seeds" || true)
   echo "== $side: simulated rig, 20 poses, views 3 (2 cm) and 11 (5°) wrong"
   for s in 0 1 2 3 4; do
-    (cd "$old" && PYTHONPATH=$path "$py" -m runtime.cli bench calibration --eye-in-hand \
+    (cd "$tmp/run" && PYTHONPATH=$path "$py" -m runtime.cli bench calibration --eye-in-hand \
       --seed "$s" --bad 3:0.02:0 --bad 11:0:5 2>&1 | grep -v '^\[' || true)
   done
 done

@@ -7,7 +7,9 @@ good and what the next ones should add (more tilt, more spread), ``u`` drops the
 ``s`` solves once there are enough. With ``--auto`` the arm moves itself through poses
 around where it starts, through the safety layer, after a confirmation.
 ``--sim`` runs the same session on the simulated rig (no hardware, no prompts).
-The result is written as a timestamped calibration file that `mu0 run-real` loads.
+The result is written as a timestamped calibration file that `mu0 run-real` loads, and a
+verdict is printed: good, marginal (written, with the reasons) or refused (nothing written,
+with what to recapture or which motion to add); docs/deployment.md lists the figures.
 """
 
 from __future__ import annotations
