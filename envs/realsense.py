@@ -642,58 +642,72 @@ class DepthToColor:
         # Depth pixel rays (forward) and colour rays in the depth frame (backward), as
         # separate x, y, z arrays: numpy is several times faster on those than on [N, 3].
         xs, ys = np.meshgrid((np.arange(Wd) - cxd) / fxd, (np.arange(Hd) - cyd) / fyd)
-        self.depth_rays = (xs.ravel(), ys.ravel())
+        self.depth_rays = (xs.ravel().astype(np.float32), ys.ravel().astype(np.float32))
         xs, ys = np.meshgrid((np.arange(Wc) - cxc) / fxc, (np.arange(Hc) - cyc) / fyc)
         xs, ys = xs.ravel(), ys.ravel()
         Rt = self.R.T
-        self.color_rays_d = tuple(Rt[k, 0] * xs + Rt[k, 1] * ys + Rt[k, 2] for k in range(3))
+        self.color_rays_d = tuple(
+            (Rt[k, 0] * xs + Rt[k, 1] * ys + Rt[k, 2]).astype(np.float32) for k in range(3)
+        )
         self.t_d = -Rt @ self.t
         self.kernel = np.ones((2 * int(np.ceil(max(Wc / Wd, Hc / Hd))) + 1,) * 2, np.uint8)
 
-    def __call__(self, depth_m: np.ndarray, iterations: int = 6, tol_m: float = 1e-6):
+    def __call__(self, depth_m: np.ndarray, iterations: int = 6, tol_m: float = 1e-4):
         import cv2  # the `real` extra installs it alongside pyrealsense2
 
-        depth = np.asarray(depth_m, dtype=np.float64)
+        depth = np.asarray(depth_m, dtype=np.float32)
         if depth.shape != self.depth_hw:
             raise ValueError(f"depth is {depth.shape}, this aligner is for {self.depth_hw}")
         Hd, Wd = self.depth_hw
         Hc, Wc = self.color_hw
-        fxd, fyd, cxd, cyd = self.Kd
-        fxc, fyc, cxc, cyc = self.Kc
+        fxd, fyd, cxd, cyd = (float(v) for v in self.Kd)
+        fxc, fyc, cxc, cyc = (float(v) for v in self.Kc)
         R, t = self.R, self.t
-        flat = depth.ravel()
-        valid = flat > 0
-        # Forward: every measured point into the colour image, the nearest one per pixel.
-        z = flat[valid]
-        x, y = self.depth_rays[0][valid] * z, self.depth_rays[1][valid] * z
-        X, Y, Z = (R[k, 0] * x + R[k, 1] * y + R[k, 2] * z + t[k] for k in range(3))
-        front = Z > 0
-        Zs = np.where(front, Z, 1.0)
-        uc, vc = np.rint(fxc * X / Zs + cxc), np.rint(fyc * Y / Zs + cyc)
-        inside = front & (uc >= 0) & (uc < Wc) & (vc >= 0) & (vc < Hc)
-        guess = np.full(Hc * Wc, np.inf)
-        np.minimum.at(guess, (vc[inside] * Wc + uc[inside]).astype(np.int64), Z[inside])
+        # Forward: every measured point into the colour image, the nearest one per pixel
+        # (float32 throughout: plenty for pixels and hundredths of a millimetre, half the
+        # memory traffic of float64). Holes go along as points at infinity.
+        z = depth.ravel()
+        rx, ry = self.depth_rays
+        X, Y, Z = (
+            (float(R[k, 0]) * rx + float(R[k, 1]) * ry + float(R[k, 2])) * z + float(t[k])
+            for k in range(3)
+        )
+        keep = (z > 0) & (Z > 0)
+        Z = np.where(keep, Z, np.inf)
+        uc = np.rint(fxc * X / Z + cxc)
+        vc = np.rint(fyc * Y / Z + cyc)
+        keep &= (uc >= 0) & (uc < Wc) & (vc >= 0) & (vc < Hc)
+        guess = np.full(Hc * Wc, np.inf, np.float32)
+        np.minimum.at(guess, (vc * Wc + uc)[keep].astype(np.intp), Z[keep])
         # Colour pixels between projected points (colour finer than depth) start from their
         # neighbourhood's nearest surface.
-        near = cv2.erode(guess.reshape(Hc, Wc).astype(np.float32), self.kernel).ravel()
+        near = cv2.erode(guess.reshape(Hc, Wc), self.kernel).ravel()
+        near[near > 1e6] = np.inf  # erode's border is the largest float, not inf
         guess = np.where(np.isfinite(guess), guess, near)
-        inv, gx, gy = (a.ravel() for a in _inverse_depth_slopes(depth))
+        # Lookups on the depth grid with a border of "no depth" round it, so a ray that
+        # leaves the image lands on a hole.
+        inv, gx, gy = (
+            np.pad(a, 1).astype(np.float32).ravel() for a in _inverse_depth_slopes(depth)
+        )
+        Wp = Wd + 2
         # Backward, on the rays still moving only.
-        out = np.zeros(Hc * Wc)
+        out = np.zeros(Hc * Wc, np.float32)
         active = np.flatnonzero(np.isfinite(guess))
         z = guess[active]
         rx, ry, rz = (r[active] for r in self.color_rays_d)
-        tx, ty, tz = self.t_d
+        tx, ty, tz = (float(v) for v in self.t_d)
         for _ in range(iterations):
+            # NaN marks rays that land nowhere; their arithmetic is discarded by `hit`.
             Zd = rz * z + tz
-            front = Zd > 1e-6
-            Zd = np.where(front, Zd, 1.0)
-            ud, vd = fxd * (rx * z + tx) / Zd + cxd, fyd * (ry * z + ty) / Zd + cyd
-            nj, ni = np.rint(ud), np.rint(vd)
-            hit = front & (nj >= 0) & (nj < Wd) & (ni >= 0) & (ni < Hd)
-            k = (np.clip(ni, 0, Hd - 1) * Wd + np.clip(nj, 0, Wd - 1)).astype(np.int64)
+            Zd[Zd < 1e-6] = np.nan  # behind the depth camera: lands nowhere
+            with np.errstate(invalid="ignore"):
+                ud = fxd * (rx * z + tx) / Zd + cxd
+                vd = fyd * (ry * z + ty) / Zd + cyd
+                nj = np.nan_to_num(np.clip(np.rint(ud), -1, Wd), nan=-1)  # -1, Wd: border
+                ni = np.nan_to_num(np.clip(np.rint(vd), -1, Hd), nan=-1)
+            k = ((ni + 1) * Wp + (nj + 1)).astype(np.intp)
             inv_z = inv[k] + gx[k] * (ud - nj) + gy[k] * (vd - ni)
-            hit &= valid[k] & (inv_z > 0)
+            hit = (inv[k] > 0) & (inv_z > 1e-2)  # a measurement within 100 m
             # The point on the ray whose depth-frame z is the measurement; a ray that lands
             # on a hole keeps its guess (the next step may land elsewhere).
             z_new = np.where(hit, (1.0 / np.where(hit, inv_z, 1.0) - tz) / rz, z)
@@ -704,7 +718,7 @@ class DepthToColor:
             if not keep.any():
                 break
             active, z, rx, ry, rz = active[keep], z_new[keep], rx[keep], ry[keep], rz[keep]
-        return out.reshape(Hc, Wc).astype(np.float32)
+        return out.reshape(Hc, Wc)
 
 
 def align_depth_to_color(
@@ -724,14 +738,16 @@ def align_depth_to_color(
 def _inverse_depth_slopes(depth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(1/z, d(1/z)/du, d(1/z)/dv) per depth pixel; slopes from the neighbours on the same
     surface (within 3 % in 1/z): central, one-sided next to a hole or an edge, 0 alone."""
-    valid = depth > 0
-    inv = np.where(valid, 1.0 / np.where(valid, depth, 1.0), 0.0)
+    depth = np.asarray(depth, dtype=np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(depth > 0, np.float32(1) / depth, np.float32(0))
 
     def slope(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # the neighbours before, after
         ok_a = (a > 0) & (np.abs(a - inv) <= 0.03 * inv)
         ok_b = (b > 0) & (np.abs(b - inv) <= 0.03 * inv)
+        zero = np.float32(0)
         return np.where(
-            ok_a & ok_b, (b - a) / 2, np.where(ok_b, b - inv, np.where(ok_a, inv - a, 0.0))
+            ok_a & ok_b, (b - a) / 2, np.where(ok_b, b - inv, np.where(ok_a, inv - a, zero))
         )
 
     p = np.pad(inv, 1)  # 0 outside: no neighbour
