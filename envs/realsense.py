@@ -1,7 +1,8 @@
 """Intel RealSense RGB-D cameras (pyrealsense2): live devices, recordings, software devices.
 
 One `RealSenseCamera` per device. It streams depth and colour, aligns depth to the colour
-image (so one set of intrinsics describes both), reads the colour intrinsics and the depth
+image (so one set of intrinsics describes both; `DepthToColor` keeps holes as holes,
+rs.align on request), reads the colour intrinsics and the depth
 unit from the device (a D405 counts depth in 0.1 mm, a D435 in 1 mm: never assume one),
 and stamps every frame with its capture time and the time it reached this process. A
 background thread keeps reading; `read()` waits for the next frame, `latest()` returns the
@@ -157,6 +158,20 @@ def find_realsense() -> list[DeviceInfo]:
             )
         )
     return out
+
+
+def clocks_now(tries: int = 5) -> tuple[float, float]:
+    """(time.monotonic(), time.time()) read together: the wall clock between two monotonic
+    reads, retried when the thread was preempted in between (the pair would disagree by
+    the pause), the midpoint kept."""
+    best = None
+    for _ in range(tries):
+        a, wall, b = time.monotonic(), time.time(), time.monotonic()
+        if best is None or b - a < best[0]:
+            best = (b - a, (a + b) / 2, wall)
+        if b - a < 20e-6:
+            break
+    return best[1], best[2]
 
 
 class _ClockOffset:
@@ -489,7 +504,7 @@ class RealSenseCamera:
                 ok, frames = self._wait()
                 # Both clocks at once, before any processing: a host-clock stamp converts to
                 # the monotonic clock by their difference at this instant.
-                received_at, received_wall = time.monotonic(), time.time()
+                received_at, received_wall = clocks_now()
                 if not ok:
                     if self.is_playback and self._playback_stopped():
                         self._finish()

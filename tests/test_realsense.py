@@ -20,6 +20,7 @@ from envs.realsense import (
     RealSenseCamera,
     RealSenseConfig,
     SoftwareRealSense,
+    clocks_now,
     find_realsense,
     write_recording,
 )
@@ -245,7 +246,7 @@ def test_capture_times_stay_true_under_a_processing_stall():
     got = {}
     with StallingCamera(RealSenseConfig(width=W, height=H), device=sw) as cam:
         for _ in range(40):
-            mono, wall = time.monotonic(), time.time()
+            mono, wall = clocks_now()
             pushed_mono[sw.push(*_frame(1), timestamp_ms=wall * 1e3)] = mono
             time.sleep(1.0 / sw.fps)
             frame = cam.latest()
