@@ -473,6 +473,14 @@ class RealSenseCamera:
         self._T_color_depth = np.eye(4)
         self._T_color_depth[:3, :3] = np.asarray(ext.rotation).reshape(3, 3).T  # column-major
         self._T_color_depth[:3, 3] = ext.translation
+        if self.config.align == "mu0":  # built (and compiled) now, not in the first frame
+            self._build_aligner((intr.height, intr.width))
+
+    def _build_aligner(self, depth_hw: tuple[int, int]) -> None:
+        W, H = self.image_size
+        self._aligner = DepthToColor(
+            self._depth_intrinsics, depth_hw, self.intrinsics, (H, W), self._T_color_depth
+        )
 
     def _set_intrinsics(self, rs: Any, color_profile: Any) -> None:
         intr = color_profile.get_intrinsics()
@@ -577,10 +585,7 @@ class RealSenseCamera:
         depth = frames.get_depth_frame()
         raw_m = np.asanyarray(depth.get_data()).astype(np.float32) * np.float32(self.depth_scale)
         if self._aligner is None or self._aligner.depth_hw != raw_m.shape:
-            W, H = self.image_size
-            self._aligner = DepthToColor(
-                self._depth_intrinsics, raw_m.shape, self.intrinsics, (H, W), self._T_color_depth
-            )
+            self._build_aligner(raw_m.shape)
         return self._aligner(raw_m)
 
     def _convert(
@@ -632,108 +637,54 @@ class DepthToColor:
     with float32[Hd, Wd] depth in metres (0 = none) returns float32[Hc, Wc], z in metres
     in the colour camera, 0 = no depth.
 
-    For every colour pixel, the depth pixel that sees the same surface point is found
-    along the colour pixel's ray: a depth guess picks a depth pixel, whose measurement
-    gives the next guess (the stereo baseline is small, so a few steps settle it),
-    starting from the depth pixels projected forward (the nearest surface first). The
-    colour pixel takes that depth pixel's measurement carried to the exact spot by the
-    inverse-depth slope on the same surface (1/z is linear across the image of a plane,
-    so planes come out exact), or nothing when the depth pixel has none: valid depth stays
-    valid at any resolution ratio, and holes stay holes. A ray whose guess does not settle
-    (an edge the two cameras see differently) gets 0.
+    Each colour pixel takes the depth of the surface point its ray meets, measured by the
+    depth pixel nearest to that point; where that depth pixel has no measurement it stays
+    0. It is computed forwards, in one compiled pass over the depth image
+    (`envs.depth_splat`): every measured pixel's cell (the square of the depth image
+    nearer to it than to any other pixel) is carried into the colour image on the plane
+    through the pixel and its neighbours on the same surface (1/z is linear across the
+    image of a plane, so planes come out exact), and the colour pixels inside it take
+    that plane's depth, the nearest surface winning where cells overlap (occlusion).
+    Cells tile the surface, so valid depth stays valid at any resolution ratio, and a
+    hole's cell is left empty, so holes stay holes; colour pixels that see what the depth
+    camera could not (behind an edge) get 0.
     """
 
     def __init__(self, depth_intrinsics, depth_hw, color_intrinsics, color_hw, T_color_depth):
+        try:
+            from envs import depth_splat
+        except ImportError as e:
+            raise ImportError(
+                f"align='mu0' needs numba: {REAL_EXTRA_HINT}, or RealSenseConfig(align='sdk') ({e})"
+            ) from e
+        self._splat = depth_splat.splat_depth
         self.Kd = np.asarray(depth_intrinsics, dtype=np.float64)
         self.Kc = np.asarray(color_intrinsics, dtype=np.float64)
         self.depth_hw = (int(depth_hw[0]), int(depth_hw[1]))
         self.color_hw = (int(color_hw[0]), int(color_hw[1]))
         T = np.asarray(T_color_depth, dtype=np.float64)
-        self.R, self.t = T[:3, :3], T[:3, 3]
+        self.R, self.t = T[:3, :3], T[:3, 3].copy()
         Hd, Wd = self.depth_hw
         Hc, Wc = self.color_hw
         fxd, fyd, cxd, cyd = self.Kd
-        fxc, fyc, cxc, cyc = self.Kc
-        # Depth pixel rays (forward) and colour rays in the depth frame (backward), as
-        # separate x, y, z arrays: numpy is several times faster on those than on [N, 3].
+        # Depth pixel rays turned into the colour frame, and their change per pixel.
         xs, ys = np.meshgrid((np.arange(Wd) - cxd) / fxd, (np.arange(Hd) - cyd) / fyd)
-        self.depth_rays = (xs.ravel().astype(np.float32), ys.ravel().astype(np.float32))
-        xs, ys = np.meshgrid((np.arange(Wc) - cxc) / fxc, (np.arange(Hc) - cyc) / fyc)
-        xs, ys = xs.ravel(), ys.ravel()
-        Rt = self.R.T
-        self.color_rays_d = tuple(
-            (Rt[k, 0] * xs + Rt[k, 1] * ys + Rt[k, 2]).astype(np.float32) for k in range(3)
-        )
-        self.t_d = -Rt @ self.t
-        self.kernel = np.ones((2 * int(np.ceil(max(Wc / Wd, Hc / Hd))) + 1,) * 2, np.uint8)
+        rays = np.stack([xs, ys, np.ones_like(xs)])  # [3, Hd, Wd]
+        self.rays_c = np.ascontiguousarray(np.einsum("ij,jhw->ihw", self.R, rays), np.float32)
+        self.du_c = self.R[:, 0] / fxd
+        self.dv_c = self.R[:, 1] / fyd
+        # A cell is about (colour f / depth f) pixels wide; wider ones are grazing views.
+        scale = max(self.Kc[0] / fxd, self.Kc[1] / fyd, 1.0)
+        self.max_span = float(np.ceil(4 * scale) + 1)
+        depth_splat.warm_up()  # compile now, not in the first frame
 
-    def __call__(self, depth_m: np.ndarray, iterations: int = 6, tol_m: float = 1e-4):
-        import cv2  # the `real` extra installs it alongside pyrealsense2
-
-        depth = np.asarray(depth_m, dtype=np.float32)
+    def __call__(self, depth_m: np.ndarray) -> np.ndarray:
+        depth = np.ascontiguousarray(depth_m, dtype=np.float32)
         if depth.shape != self.depth_hw:
             raise ValueError(f"depth is {depth.shape}, this aligner is for {self.depth_hw}")
-        Hd, Wd = self.depth_hw
-        Hc, Wc = self.color_hw
-        fxd, fyd, cxd, cyd = (float(v) for v in self.Kd)
-        fxc, fyc, cxc, cyc = (float(v) for v in self.Kc)
-        R, t = self.R, self.t
-        # Forward: every measured point into the colour image, the nearest one per pixel
-        # (float32 throughout: plenty for pixels and hundredths of a millimetre, half the
-        # memory traffic of float64). Holes go along as points at infinity.
-        z = depth.ravel()
-        rx, ry = self.depth_rays
-        X, Y, Z = (
-            (float(R[k, 0]) * rx + float(R[k, 1]) * ry + float(R[k, 2])) * z + float(t[k])
-            for k in range(3)
-        )
-        keep = (z > 0) & (Z > 0)
-        Z = np.where(keep, Z, np.inf)
-        uc = np.rint(fxc * X / Z + cxc)
-        vc = np.rint(fyc * Y / Z + cyc)
-        keep &= (uc >= 0) & (uc < Wc) & (vc >= 0) & (vc < Hc)
-        guess = np.full(Hc * Wc, np.inf, np.float32)
-        np.minimum.at(guess, (vc * Wc + uc)[keep].astype(np.intp), Z[keep])
-        # Colour pixels between projected points (colour finer than depth) start from their
-        # neighbourhood's nearest surface.
-        near = cv2.erode(guess.reshape(Hc, Wc), self.kernel).ravel()
-        near[near > 1e6] = np.inf  # erode's border is the largest float, not inf
-        guess = np.where(np.isfinite(guess), guess, near)
-        # Lookups on the depth grid with a border of "no depth" round it, so a ray that
-        # leaves the image lands on a hole.
-        inv, gx, gy = (
-            np.pad(a, 1).astype(np.float32).ravel() for a in _inverse_depth_slopes(depth)
-        )
-        Wp = Wd + 2
-        # Backward, on the rays still moving only.
-        out = np.zeros(Hc * Wc, np.float32)
-        active = np.flatnonzero(np.isfinite(guess))
-        z = guess[active]
-        rx, ry, rz = (r[active] for r in self.color_rays_d)
-        tx, ty, tz = (float(v) for v in self.t_d)
-        for _ in range(iterations):
-            # NaN marks rays that land nowhere; their arithmetic is discarded by `hit`.
-            Zd = rz * z + tz
-            Zd[Zd < 1e-6] = np.nan  # behind the depth camera: lands nowhere
-            with np.errstate(invalid="ignore"):
-                ud = fxd * (rx * z + tx) / Zd + cxd
-                vd = fyd * (ry * z + ty) / Zd + cyd
-                nj = np.nan_to_num(np.clip(np.rint(ud), -1, Wd), nan=-1)  # -1, Wd: border
-                ni = np.nan_to_num(np.clip(np.rint(vd), -1, Hd), nan=-1)
-            k = ((ni + 1) * Wp + (nj + 1)).astype(np.intp)
-            inv_z = inv[k] + gx[k] * (ud - nj) + gy[k] * (vd - ni)
-            hit = (inv[k] > 0) & (inv_z > 1e-2)  # a measurement within 100 m
-            # The point on the ray whose depth-frame z is the measurement; a ray that lands
-            # on a hole keeps its guess (the next step may land elsewhere).
-            z_new = np.where(hit, (1.0 / np.where(hit, inv_z, 1.0) - tz) / rz, z)
-            settled = np.abs(z_new - z) < tol_m
-            done = settled & hit
-            out[active[done]] = z_new[done]
-            keep = ~settled
-            if not keep.any():
-                break
-            active, z, rx, ry, rz = active[keep], z_new[keep], rx[keep], ry[keep], rz[keep]
-        return out.reshape(Hc, Wc)
+        out = np.zeros(self.color_hw, np.float32)
+        self._splat(depth, self.rays_c, self.du_c, self.dv_c, self.t, self.Kc, self.max_span, out)
+        return out
 
 
 def align_depth_to_color(
@@ -748,25 +699,6 @@ def align_depth_to_color(
         depth_intrinsics, np.shape(depth_m), color_intrinsics, color_hw, T_color_depth
     )
     return aligner(depth_m)
-
-
-def _inverse_depth_slopes(depth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(1/z, d(1/z)/du, d(1/z)/dv) per depth pixel; slopes from the neighbours on the same
-    surface (within 3 % in 1/z): central, one-sided next to a hole or an edge, 0 alone."""
-    depth = np.asarray(depth, dtype=np.float32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(depth > 0, np.float32(1) / depth, np.float32(0))
-
-    def slope(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # the neighbours before, after
-        ok_a = (a > 0) & (np.abs(a - inv) <= 0.03 * inv)
-        ok_b = (b > 0) & (np.abs(b - inv) <= 0.03 * inv)
-        zero = np.float32(0)
-        return np.where(
-            ok_a & ok_b, (b - a) / 2, np.where(ok_b, b - inv, np.where(ok_a, inv - a, zero))
-        )
-
-    p = np.pad(inv, 1)  # 0 outside: no neighbour
-    return inv, slope(p[1:-1, :-2], p[1:-1, 2:]), slope(p[:-2, 1:-1], p[2:, 1:-1])
 
 
 def _info(rs: Any, device: Any, key: Any) -> str:
