@@ -15,14 +15,19 @@ from numba import njit
 
 # A cell is exactly its pixel's square (what rounding to the nearest pixel picks): wider
 # would fill colour pixels that belong to a hole. On curved surfaces neighbouring cells,
-# each carried over on its own plane, can leave slivers where a colour pixel stays 0
-# (20 of 300k pixels on a sphere filling the view, as many as the ray search left).
+# each carried over on its own plane, can leave a rare sliver where a colour pixel stays
+# 0 (docs/calibration.md).
 CELL_HALF = 0.5
-# The 3 % same-surface rule on inverse depth, as for the slopes.
+# Neighbours within 3 % in 1/z are on the same surface (they give the slopes).
 SAME_SURFACE = 0.03
 
 
-@njit(cache=True, nogil=True)
+# No zero-division checks (every division is guarded) and fused multiply-adds: about
+# 10 % faster. Not the full fastmath: NaN and inf must keep their meaning.
+_FAST = {"contract", "arcp", "nsz", "afn"}
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
 def _slope(w: float, before: float, after: float) -> float:
     """d(1/z) per pixel from the neighbours on the same surface (0 where none is)."""
     ok_b = before > 0 and abs(before - w) <= SAME_SURFACE * w
@@ -36,11 +41,12 @@ def _slope(w: float, before: float, after: float) -> float:
     return 0.0
 
 
-@njit(cache=True, nogil=True)
-def splat_depth(depth, rays_c, du_c, dv_c, t, color_k, max_span, out):
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
+def splat_depth(depth, scale, rays_c, du_c, dv_c, t, color_k, max_span, out):
     """Fill out (float32[Hc, Wc], zeroed by the caller) with z in the colour camera.
 
-    depth: float32[Hd, Wd] metres, 0 = none. rays_c: float32[3, Hd, Wd], R @ (x, y, 1)
+    depth: [Hd, Wd] in units of ``scale`` metres (the device's uint16, or float32 metres
+    with scale 1), 0 = none. rays_c: float32[3, Hd, Wd], R @ (x, y, 1)
     of each depth pixel's ray in the colour frame (R, t: depth -> colour); du_c, dv_c:
     R @ the ray's change per pixel along u and v. color_k: (fx, fy, cx, cy). max_span:
     the widest cell, in colour pixels, that is filled (wider ones, at grazing angles,
@@ -57,7 +63,7 @@ def splat_depth(depth, rays_c, du_c, dv_c, t, color_k, max_span, out):
         for j in range(Wd):
             z = depth[i, j]
             if z > 0:
-                inv[i + 1, j + 1] = 1.0 / z
+                inv[i + 1, j + 1] = 1.0 / (z * scale)
     for i in range(Hd):
         for j in range(Wd):
             w = inv[i + 1, j + 1]
@@ -117,11 +123,11 @@ def splat_depth(depth, rays_c, du_c, dv_c, t, color_k, max_span, out):
                 out[r, c] = 1.0 / out[r, c]
 
 
-def warm_up() -> None:
+def warm_up(dtype: type = np.uint16) -> None:
     """Compile (or load the cached build) before the first frame, not during it."""
-    depth = np.full((2, 2), 1.0, np.float32)
+    depth = np.full((2, 2), 1, dtype)
     rays = np.zeros((3, 2, 2), np.float32)
     rays[2] = 1.0
     unit = np.zeros(3, np.float64)
     out = np.zeros((2, 2), np.float32)
-    splat_depth(depth, rays, unit, unit, unit, np.ones(4), 4.0, out)
+    splat_depth(depth, 1.0, rays, unit, unit, unit, np.ones(4), 4.0, out)

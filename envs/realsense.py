@@ -582,11 +582,10 @@ class RealSenseCamera:
             if not depth:
                 return None
             return np.asanyarray(depth.get_data()).astype(np.float32) * np.float32(self.depth_scale)
-        depth = frames.get_depth_frame()
-        raw_m = np.asanyarray(depth.get_data()).astype(np.float32) * np.float32(self.depth_scale)
-        if self._aligner is None or self._aligner.depth_hw != raw_m.shape:
-            self._build_aligner(raw_m.shape)
-        return self._aligner(raw_m)
+        raw = np.asanyarray(frames.get_depth_frame().get_data())  # uint16 device units
+        if self._aligner is None or self._aligner.depth_hw != raw.shape:
+            self._build_aligner(raw.shape)
+        return self._aligner(raw, self.depth_scale)
 
     def _convert(
         self, rs: Any, frames: Any, received_at: float, received_wall: float
@@ -634,8 +633,9 @@ class DepthToColor:
 
     depth_intrinsics, color_intrinsics: (fx, fy, cx, cy) of each image (pinhole);
     T_color_depth: float64[4, 4] depth -> colour; sizes as (height, width). Calling it
-    with float32[Hd, Wd] depth in metres (0 = none) returns float32[Hc, Wc], z in metres
-    in the colour camera, 0 = no depth.
+    with float32[Hd, Wd] depth in metres (or the device's uint16 units and their
+    ``depth_scale``, metres per unit; 0 = none) returns float32[Hc, Wc], z in metres in
+    the colour camera, 0 = no depth.
 
     Each colour pixel takes the depth of the surface point its ray meets, measured by the
     depth pixel nearest to that point; where that depth pixel has no measurement it stays
@@ -678,12 +678,25 @@ class DepthToColor:
         self.max_span = float(np.ceil(4 * scale) + 1)
         depth_splat.warm_up()  # compile now, not in the first frame
 
-    def __call__(self, depth_m: np.ndarray) -> np.ndarray:
-        depth = np.ascontiguousarray(depth_m, dtype=np.float32)
+    def __call__(self, depth: np.ndarray, depth_scale: float = 1.0) -> np.ndarray:
+        depth = np.asarray(depth)
+        # The device's units go in as they are: converting to metres first costs a pass.
+        dtype = np.uint16 if depth.dtype == np.uint16 else np.float32
+        depth = np.ascontiguousarray(depth, dtype=dtype)
         if depth.shape != self.depth_hw:
             raise ValueError(f"depth is {depth.shape}, this aligner is for {self.depth_hw}")
         out = np.zeros(self.color_hw, np.float32)
-        self._splat(depth, self.rays_c, self.du_c, self.dv_c, self.t, self.Kc, self.max_span, out)
+        self._splat(
+            depth,
+            float(depth_scale),
+            self.rays_c,
+            self.du_c,
+            self.dv_c,
+            self.t,
+            self.Kc,
+            self.max_span,
+            out,
+        )
         return out
 
 

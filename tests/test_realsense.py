@@ -16,6 +16,7 @@ import pytest
 
 from envs.realsense import (
     CameraGroup,
+    DepthToColor,
     EndOfRecording,
     RealSenseCamera,
     RealSenseConfig,
@@ -340,3 +341,64 @@ def test_alignment_keeps_planes_flat_and_holes_empty(tilt_deg, color_scale):
     assert ours["max_off_plane_mm"] <= 1.0
     assert ours["holes_filled_pct"] == 0.0
     assert ours["valid_lost_pct"] <= 0.5  # rounding at the image's edge
+
+
+@pytest.mark.parametrize("near_side", ["left", "right"])
+def test_alignment_at_an_occluding_edge(near_side):
+    """A board 0.25 m away covering half the depth image, a wall at 2 m behind: where the
+    colour camera sees the board, the board wins (no wall depth through it); wall the
+    depth camera could not see stays empty; everything else is valid and on its surface.
+    The two sides give both cases: cells that overlap, and a band that nothing covers."""
+    Wd, Hd = 96, 72
+    K = (86.4, 86.4, 47.3, 35.6)
+    baseline = 0.05  # depth -> colour along x: the colour camera sits at x = -0.05
+    z_board, z_wall = 0.25, 2.0
+    x_edge = 0.0  # the board's edge, in the depth camera's frame
+    xs = (np.arange(Wd) - K[2]) / K[0]
+    on_board = (xs * z_board < x_edge) if near_side == "left" else (xs * z_board > x_edge)
+    depth = np.broadcast_to(np.where(on_board, z_board, z_wall), (Hd, Wd)).astype(np.float32)
+    T = np.eye(4)
+    T[0, 3] = baseline
+    aligner = DepthToColor(K, (Hd, Wd), K, (Hd, Wd), T)
+    z = aligner(depth)
+    # The device's uint16 units in, as the camera passes them: the same depth out.
+    units = np.rint(depth / 1e-4).astype(np.uint16)
+    np.testing.assert_allclose(aligner(units, depth_scale=1e-4), z, rtol=1e-6)
+
+    # Truth per colour column: the board if the colour ray meets it within the board's
+    # side of the edge, else the wall; a wall point counts as measured when the depth
+    # camera's ray to it misses the board.
+    xc = (np.arange(Wd) - K[2]) / K[0]
+
+    def board_side(x):
+        return x < x_edge if near_side == "left" else x > x_edge
+
+    hits_board = board_side(xc * z_board - baseline)  # colour ray at the board's depth
+    truth = np.where(hits_board, z_board, z_wall)
+    x_wall = xc * z_wall - baseline
+    wall_seen_by_depth = ~board_side(x_wall / z_wall * z_board)
+    ud = K[0] * (xc * truth - baseline) / truth + K[2]  # where the depth camera sees it
+    in_depth_image = (ud > -0.5) & (ud < Wd - 0.5)
+    expect_valid = (hits_board | wall_seen_by_depth) & in_depth_image
+    # A colour pixel next to an edge (of the board, of the depth image) is left out:
+    # there the nearest depth pixel straddles it.
+    u_board = K[0] * (x_edge + baseline) / z_board + K[2]
+    u_wall_edge = K[0] * (x_edge / z_board * z_wall + baseline) / z_wall + K[2]
+    cols = np.arange(Wd)
+    clear = (np.abs(cols - u_board) > 1.0) & (np.abs(cols - u_wall_edge) > 1.0)
+    clear &= (np.abs(ud + 0.5) > 1.0) & (np.abs(ud - Wd + 0.5) > 1.0)
+    got = z > 0
+    for row in (0, Hd // 2, Hd - 1):
+        valid, zr = got[row], z[row]
+        assert np.all(valid[clear] == expect_valid[clear]), (row, valid.astype(int))
+        np.testing.assert_allclose(zr[valid & clear], truth[valid & clear], atol=1e-3)
+    # Each case is there, several pixels wide: wall the depth camera measured that lands
+    # behind the board in the colour image, or wall it did not see beside the board.
+    u_wall = np.rint(K[0] * (xs * z_wall + baseline) / z_wall + K[2]).astype(int)
+    lands = (u_wall >= 0) & (u_wall < Wd) & ~on_board
+    hidden_wall = int(hits_board[np.clip(u_wall, 0, Wd - 1)][lands].sum())
+    unseen_wall = int((~expect_valid & in_depth_image & clear).sum())
+    if near_side == "left":
+        assert hidden_wall >= 10 and unseen_wall == 0
+    else:
+        assert hidden_wall == 0 and unseen_wall >= 10
