@@ -665,7 +665,6 @@ class DepthToColor:
         T = np.asarray(T_color_depth, dtype=np.float64)
         self.R, self.t = T[:3, :3], T[:3, 3].copy()
         Hd, Wd = self.depth_hw
-        Hc, Wc = self.color_hw
         fxd, fyd, cxd, cyd = self.Kd
         # Depth pixel rays turned into the colour frame, and their change per pixel.
         xs, ys = np.meshgrid((np.arange(Wd) - cxd) / fxd, (np.arange(Hd) - cyd) / fyd)
@@ -673,7 +672,8 @@ class DepthToColor:
         self.rays_c = np.ascontiguousarray(np.einsum("ij,jhw->ihw", self.R, rays), np.float32)
         self.du_c = self.R[:, 0] / fxd
         self.dv_c = self.R[:, 1] / fyd
-        # A cell is about (colour f / depth f) pixels wide; wider ones are grazing views.
+        # A cell is about (colour f / depth f) pixels wide; one over 4x that is a surface
+        # seen edge-on, filled only that far round its centre.
         scale = max(self.Kc[0] / fxd, self.Kc[1] / fyd, 1.0)
         self.max_span = float(np.ceil(4 * scale) + 1)
         depth_splat.warm_up()  # compile now, not in the first frame
