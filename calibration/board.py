@@ -123,9 +123,21 @@ class DetectionLimits:
     min_corners: int = 8
     # Corners must span an area, not a line: the smaller spread over the larger one.
     min_spread_ratio: float = 0.2
-    max_reprojection_px: float = 1.0
+    # The board pose must reproject onto the corners within this (RMS, pixels). None: a
+    # share of the image diagonal, so the limit means the same at every resolution:
+    # 3.2 px at 640x480, 5.9 px at 1280x720. ChArUco corners on sharp renders measure
+    # 0.05-0.1 px; 1 px of corner noise (blur, a soft print) gives about 1.3 px and stays
+    # in; a corner given the wrong id (off by a square, tens of pixels) does not. The
+    # hand-eye solve then judges views against the noise the session actually shows.
+    max_reprojection_px: float | None = None
+    reprojection_share_of_diagonal: float = 0.004
     # Beyond this tilt the corners foreshorten and their positions get noisy.
     max_tilt_deg: float = 70.0
+
+    def reprojection_limit_px(self, image_wh: tuple[int, int]) -> float:
+        if self.max_reprojection_px is not None:
+            return float(self.max_reprojection_px)
+        return self.reprojection_share_of_diagonal * float(np.hypot(*image_wh))
 
 
 @dataclass(frozen=True, repr=False)
@@ -216,8 +228,8 @@ def detect_board(
         reason = "pose behind the camera"
     elif tilt > limits.max_tilt_deg:
         reason = f"board tilted {tilt:.0f}° from the view ray (max {limits.max_tilt_deg:.0f}°)"
-    elif rms > limits.max_reprojection_px:
-        reason = f"reprojection {rms:.2f} px (max {limits.max_reprojection_px:.2f})"
+    elif rms > (limit := limits.reprojection_limit_px((gray.shape[1], gray.shape[0]))):
+        reason = f"reprojection {rms:.2f} px (max {limit:.2f})"
     return BoardView(ids, corners_px, T_cam_board, rms, tilt, reason)
 
 

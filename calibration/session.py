@@ -19,8 +19,8 @@ from calibration.files import CameraCalibration
 from calibration.handeye import (
     HandEyeLimits,
     HandEyeResult,
-    _rotation_spread_deg,
     calibrate_hand_eye,
+    rotation_axis_coverage,
 )
 from calibration.transforms import make_T, rotvec_to_matrix
 
@@ -72,11 +72,17 @@ class CaptureSession:
         msg = f"{self.good}/{self.target_views} good views"
         if len(good_poses) < 2:
             return msg + "; move the arm so the whole board is in view, then capture"
-        rot = _rotation_spread_deg(good_poses)
+        coverage = rotation_axis_coverage(self.kind, good_poses)
+        rot = coverage.spread_deg
         pos = np.ptp(np.array([p[:3, 3] for p in good_poses]), axis=0)
         tips = []
         if rot < GOOD_ROTATION_SPREAD_DEG:
             tips.append(f"tilt and turn the wrist more (rotation spread {rot:.0f}°)")
+        elif coverage.off_axis_deg < self.limits.warn_off_axis_deg:
+            tips.append(
+                f"{coverage.motion_to_add()} (so far it turned about "
+                f"{coverage.describe_axis()} only)"
+            )
         if float(np.max(pos)) < GOOD_TRANSLATION_SPREAD_M:
             tips.append(f"spread the positions more ({float(np.max(pos)) * 100:.0f} cm so far)")
         if self.views and not self.views[-1].ok:

@@ -13,7 +13,34 @@ need the `sim` extra) do.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
+
+
+def choose_gl_backend() -> str | None:
+    """Pick MuJoCo's OpenGL backend when the user has not (``MUJOCO_GL`` unset); returns it.
+
+    MuJoCo reads ``MUJOCO_GL`` once, when it is first imported, and without it tries a
+    window (GLFW), which fails on a machine without a display. robosuite sets EGL for its
+    own renderer, so scenes rendered through robosuite worked while ones rendered with
+    `mujoco.Renderer` did not. Every module of this package that imports mujoco is imported
+    after this package, so choosing here covers every command: EGL on Linux (headless, GPU
+    or Mesa), CGL on macOS, MuJoCo's own default elsewhere.
+    """
+    backend = os.environ.get("MUJOCO_GL")
+    if not backend:
+        backend = {"linux": "egl", "darwin": "cgl"}.get(sys.platform)
+        if backend is None:
+            return None
+        os.environ["MUJOCO_GL"] = backend
+    if backend in ("egl", "osmesa"):
+        # PyOpenGL (robosuite's renderer) must load the same platform's functions.
+        os.environ.setdefault("PYOPENGL_PLATFORM", backend)
+    return backend
+
+
+choose_gl_backend()
 
 # Tasks and robots are plain strings here so that listing them costs no heavy import.
 TASKS: tuple[str, ...] = ("Lift", "Stack", "PickPlaceCan", "Door")

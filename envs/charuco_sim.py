@@ -453,12 +453,16 @@ def simulate_calibration(
     seed: int = 0,
     pose_noise_mm: float = 0.0,
     pose_noise_deg: float = 0.0,
+    bad: dict[int, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     """Capture ``num_poses`` views in the scene, calibrate, and compare with the truth.
 
     The robot poses handed to the solver are the simulator's grip-site poses in the base
     frame, optionally with Gaussian noise (per axis) to stand in for a real arm's
-    kinematic error. Returns the figures (errors in mm and degrees) and the result.
+    kinematic error; ``bad`` makes views' poses wrong on purpose: view index -> (metres,
+    degrees) off, in random directions (a pose read while the arm still moved). Returns
+    the figures (errors in mm and degrees) and the result; a refused calibration raises
+    `CalibrationError`.
     """
     from calibration.board import detect_board
     from calibration.handeye import calibrate_hand_eye
@@ -485,6 +489,12 @@ def simulate_calibration(
         poses.append(T_base_eef)
         views.append(detect_board(scene.render(camera, board), scene.board, K))
     scene.set_joint_positions(home)
+    for i, (trans_m, rot_deg) in (bad or {}).items():
+        u, w = rng.normal(size=3), rng.normal(size=3)
+        poses[i] = poses[i] @ make_T(
+            rotvec_to_matrix(w / np.linalg.norm(w) * np.deg2rad(rot_deg)),
+            u / np.linalg.norm(u) * trans_m,
+        )
     result = calibrate_hand_eye(kind, poses, views, scene.board, K)
     truth = scene.truth.T_base_cam if kind == "eye_to_hand" else scene.truth.T_eef_cam
     trans_err_mm, rot_err_deg = pose_error(result.T_ref_cam, truth)

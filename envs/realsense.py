@@ -1,7 +1,8 @@
 """Intel RealSense RGB-D cameras (pyrealsense2): live devices, recordings, software devices.
 
 One `RealSenseCamera` per device. It streams depth and colour, aligns depth to the colour
-image (so one set of intrinsics describes both), reads the colour intrinsics and the depth
+image (so one set of intrinsics describes both; `DepthToColor` keeps holes as holes,
+rs.align on request), reads the colour intrinsics and the depth
 unit from the device (a D405 counts depth in 0.1 mm, a D435 in 1 mm: never assume one),
 and stamps every frame with its capture time and the time it reached this process. A
 background thread keeps reading; `read()` waits for the next frame, `latest()` returns the
@@ -128,6 +129,14 @@ class RealSenseConfig:
     # Live devices: stamp frames in the host's clock (the SDK's "global time"), so capture
     # times compare with this machine's clock without an estimate.
     global_time: bool = True
+    # Depth to colour: "mu0" (`align_depth_to_color`: valid depth stays valid, holes stay
+    # holes) or "sdk" (rs.align, which blanks rows and columns of valid depth and fills
+    # isolated holes from a neighbour: tests/test_realsense.py measures both).
+    align: str = "mu0"
+
+    def __post_init__(self) -> None:
+        if self.align not in ("mu0", "sdk"):
+            raise ValueError(f"align must be 'mu0' or 'sdk', got {self.align!r}")
 
 
 def find_realsense() -> list[DeviceInfo]:
@@ -149,6 +158,20 @@ def find_realsense() -> list[DeviceInfo]:
             )
         )
     return out
+
+
+def clocks_now(tries: int = 5) -> tuple[float, float]:
+    """(time.monotonic(), time.time()) read together: the wall clock between two monotonic
+    reads, retried when the thread was preempted in between (the pair would disagree by
+    the pause), the midpoint kept."""
+    best = None
+    for _ in range(tries):
+        a, wall, b = time.monotonic(), time.time(), time.monotonic()
+        if best is None or b - a < best[0]:
+            best = (b - a, (a + b) / 2, wall)
+        if b - a < 20e-6:
+            break
+    return best[1], best[2]
 
 
 class _ClockOffset:
@@ -202,6 +225,11 @@ class RealSenseCamera:
         self._sensors: list[Any] = []
         self._syncer: Any = None
         self._align: Any = None
+        # Depth intrinsics (fx, fy, cx, cy), and depth -> colour, read at connect().
+        self._depth_intrinsics: np.ndarray | None = None
+        self._T_color_depth = np.eye(4)
+        self._aligner: DepthToColor | None = None
+        self._last_captured_at = -np.inf
         self._clock = _ClockOffset()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -401,13 +429,14 @@ class RealSenseCamera:
                     sensor.set_option(rs.option.global_time_enabled, 1)
         color = profile.get_stream(rs.stream.color).as_video_stream_profile()
         self._set_intrinsics(rs, color)
+        self._set_depth_geometry(profile.get_stream(rs.stream.depth), color)
         return device
 
     def _open_sensors(self, rs: Any, device: Any) -> None:
         """Open a (software) device's depth and colour sensors into a frame syncer."""
         cfg = self.config
         self._syncer = rs.syncer(4)
-        color_profile = None
+        color_profile = depth_profile = None
         for sensor in device.query_sensors():
             profiles = [
                 p
@@ -429,9 +458,29 @@ class RealSenseCamera:
             self._sensors.append(sensor)
             if p.stream_type() == rs.stream.color:
                 color_profile = p.as_video_stream_profile()
-        if color_profile is None or len(self._sensors) < 2:
+            else:
+                depth_profile = p.as_video_stream_profile()
+        if color_profile is None or depth_profile is None:
             raise RuntimeError("the device needs a depth and a colour stream")
         self._set_intrinsics(rs, color_profile)
+        self._set_depth_geometry(depth_profile, color_profile)
+
+    def _set_depth_geometry(self, depth_profile: Any, color_profile: Any) -> None:
+        intr = depth_profile.as_video_stream_profile().get_intrinsics()
+        self._depth_intrinsics = np.array([intr.fx, intr.fy, intr.ppx, intr.ppy])
+        self._aligner = None
+        ext = depth_profile.get_extrinsics_to(color_profile)
+        self._T_color_depth = np.eye(4)
+        self._T_color_depth[:3, :3] = np.asarray(ext.rotation).reshape(3, 3).T  # column-major
+        self._T_color_depth[:3, 3] = ext.translation
+        if self.config.align == "mu0":  # built (and compiled) now, not in the first frame
+            self._build_aligner((intr.height, intr.width))
+
+    def _build_aligner(self, depth_hw: tuple[int, int]) -> None:
+        W, H = self.image_size
+        self._aligner = DepthToColor(
+            self._depth_intrinsics, depth_hw, self.intrinsics, (H, W), self._T_color_depth
+        )
 
     def _set_intrinsics(self, rs: Any, color_profile: Any) -> None:
         intr = color_profile.get_intrinsics()
@@ -461,7 +510,9 @@ class RealSenseCamera:
         try:
             while not self._stop.is_set():
                 ok, frames = self._wait()
-                received_at = time.monotonic()
+                # Both clocks at once, before any processing: a host-clock stamp converts to
+                # the monotonic clock by their difference at this instant.
+                received_at, received_wall = clocks_now()
                 if not ok:
                     if self.is_playback and self._playback_stopped():
                         self._finish()
@@ -476,7 +527,7 @@ class RealSenseCamera:
                         waiting_since = received_at
                     continue
                 waiting_since = received_at
-                frame = self._convert(rs, frames, received_at)
+                frame = self._convert(rs, frames, received_at, received_wall)
                 if frame is None:
                     self.counts["incomplete"] += 1
                     continue
@@ -524,17 +575,29 @@ class RealSenseCamera:
         if self._queue is not None:
             self._put(frame)
 
-    def _convert(self, rs: Any, frames: Any, received_at: float) -> RealSenseFrame | None:
+    def _aligned_depth_m(self, frames: Any) -> np.ndarray | None:
+        """float32[H, W] metres in the colour image, 0 where nothing was measured."""
+        if self.config.align == "sdk":
+            depth = self._align.process(frames).get_depth_frame()
+            if not depth:
+                return None
+            return np.asanyarray(depth.get_data()).astype(np.float32) * np.float32(self.depth_scale)
+        raw = np.asanyarray(frames.get_depth_frame().get_data())  # uint16 device units
+        if self._aligner is None or self._aligner.depth_hw != raw.shape:
+            self._build_aligner(raw.shape)
+        return self._aligner(raw, self.depth_scale)
+
+    def _convert(
+        self, rs: Any, frames: Any, received_at: float, received_wall: float
+    ) -> RealSenseFrame | None:
         if not frames.first_or_default(rs.stream.depth) or not frames.first_or_default(
             rs.stream.color
         ):
             return None  # a syncer hands over a lone frame while its partner is late
-        aligned = self._align.process(frames)
-        depth, color = aligned.get_depth_frame(), aligned.get_color_frame()
-        if not depth or not color:
+        color = frames.get_color_frame()
+        depth_m = self._aligned_depth_m(frames)
+        if depth_m is None or not color:
             return None
-        z16 = np.asanyarray(depth.get_data())
-        depth_m = z16.astype(np.float32) * np.float32(self.depth_scale)
         rgb = np.array(np.asanyarray(color.get_data()), dtype=np.uint8, copy=True)
         color_format = color.get_profile().format()
         if color_format == rs.format.bgr8:  # realsense-viewer may record BGR
@@ -545,9 +608,12 @@ class RealSenseCamera:
         domain = str(color.get_frame_timestamp_domain()).split(".")[-1]
         if not self.is_playback and domain in ("system_time", "global_time"):
             # Host-clock stamps: milliseconds since the epoch on this machine.
-            captured_at = received_at - (time.time() - timestamp_ms / 1e3)
+            captured_at = received_at - (received_wall - timestamp_ms / 1e3)
         else:
             captured_at = self._clock.captured_at(timestamp_ms / 1e3, received_at)
+        # A step of the wall clock (NTP) must not send capture times backwards.
+        captured_at = max(min(captured_at, received_at), self._last_captured_at + 1e-6)
+        self._last_captured_at = captured_at
         return RealSenseFrame(
             rgb=rgb,
             depth_m=depth_m,
@@ -556,10 +622,96 @@ class RealSenseCamera:
             frame_number=int(color.get_frame_number()),
             timestamp_ms=timestamp_ms,
             timestamp_domain=domain,
-            captured_at=min(captured_at, received_at),
+            captured_at=captured_at,
             received_at=received_at,
             depth_scale=self.depth_scale,
         )
+
+
+class DepthToColor:
+    """Depth as the colour camera sees it, for one pair of streams (geometry fixed).
+
+    depth_intrinsics, color_intrinsics: (fx, fy, cx, cy) of each image (pinhole);
+    T_color_depth: float64[4, 4] depth -> colour; sizes as (height, width). Calling it
+    with float32[Hd, Wd] depth in metres (or the device's uint16 units and their
+    ``depth_scale``, metres per unit; 0 = none) returns float32[Hc, Wc], z in metres in
+    the colour camera, 0 = no depth.
+
+    Each colour pixel takes the depth of the surface point its ray meets, measured by the
+    depth pixel nearest to that point; where that depth pixel has no measurement it stays
+    0. It is computed forwards, in one compiled pass over the depth image
+    (`envs.depth_splat`): every measured pixel's cell (the square of the depth image
+    nearer to it than to any other pixel) is carried into the colour image on the plane
+    through the pixel and its neighbours on the same surface (1/z is linear across the
+    image of a plane, so planes come out exact), and the colour pixels inside it take
+    that plane's depth, the nearest surface winning where cells overlap (occlusion).
+    Cells tile the surface, so valid depth stays valid at any resolution ratio, and a
+    hole's cell is left empty, so holes stay holes; colour pixels that see what the depth
+    camera could not (behind an edge) get 0.
+    """
+
+    def __init__(self, depth_intrinsics, depth_hw, color_intrinsics, color_hw, T_color_depth):
+        try:
+            from envs import depth_splat
+        except ImportError as e:
+            raise ImportError(
+                f"align='mu0' needs numba: {REAL_EXTRA_HINT}, or RealSenseConfig(align='sdk') ({e})"
+            ) from e
+        self._splat = depth_splat.splat_depth
+        self.Kd = np.asarray(depth_intrinsics, dtype=np.float64)
+        self.Kc = np.asarray(color_intrinsics, dtype=np.float64)
+        self.depth_hw = (int(depth_hw[0]), int(depth_hw[1]))
+        self.color_hw = (int(color_hw[0]), int(color_hw[1]))
+        T = np.asarray(T_color_depth, dtype=np.float64)
+        self.R, self.t = T[:3, :3], T[:3, 3].copy()
+        Hd, Wd = self.depth_hw
+        fxd, fyd, cxd, cyd = self.Kd
+        # Depth pixel rays turned into the colour frame, and their change per pixel.
+        xs, ys = np.meshgrid((np.arange(Wd) - cxd) / fxd, (np.arange(Hd) - cyd) / fyd)
+        rays = np.stack([xs, ys, np.ones_like(xs)])  # [3, Hd, Wd]
+        self.rays_c = np.ascontiguousarray(np.einsum("ij,jhw->ihw", self.R, rays), np.float32)
+        self.du_c = self.R[:, 0] / fxd
+        self.dv_c = self.R[:, 1] / fyd
+        # A cell is about (colour f / depth f) pixels wide; one over 4x that is a surface
+        # seen edge-on, filled only that far round its centre.
+        scale = max(self.Kc[0] / fxd, self.Kc[1] / fyd, 1.0)
+        self.max_span = float(np.ceil(4 * scale) + 1)
+        depth_splat.warm_up()  # compile now, not in the first frame
+
+    def __call__(self, depth: np.ndarray, depth_scale: float = 1.0) -> np.ndarray:
+        depth = np.asarray(depth)
+        # The device's units go in as they are: converting to metres first costs a pass.
+        dtype = np.uint16 if depth.dtype == np.uint16 else np.float32
+        depth = np.ascontiguousarray(depth, dtype=dtype)
+        if depth.shape != self.depth_hw:
+            raise ValueError(f"depth is {depth.shape}, this aligner is for {self.depth_hw}")
+        out = np.zeros(self.color_hw, np.float32)
+        self._splat(
+            depth,
+            float(depth_scale),
+            self.rays_c,
+            self.du_c,
+            self.dv_c,
+            self.t,
+            self.Kc,
+            self.max_span,
+            out,
+        )
+        return out
+
+
+def align_depth_to_color(
+    depth_m: np.ndarray,
+    depth_intrinsics: np.ndarray,
+    color_intrinsics: np.ndarray,
+    T_color_depth: np.ndarray,
+    color_hw: tuple[int, int],
+) -> np.ndarray:
+    """One frame through `DepthToColor` (build one and reuse it for a stream)."""
+    aligner = DepthToColor(
+        depth_intrinsics, np.shape(depth_m), color_intrinsics, color_hw, T_color_depth
+    )
+    return aligner(depth_m)
 
 
 def _info(rs: Any, device: Any, key: Any) -> str:
@@ -626,6 +778,9 @@ class SoftwareRealSense:
     intrinsics: tuple[float, float, float, float] | None = None  # fx, fy, cx, cy
     depth_units: float | None = None
     depth_to_color_m: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # The colour stream's own size and intrinsics (default: the depth stream's).
+    color_size: tuple[int, int] | None = None  # (width, height)
+    color_intrinsics: tuple[float, float, float, float] | None = None
     device: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -635,19 +790,24 @@ class SoftwareRealSense:
         if self.intrinsics is None:
             f = 0.9 * self.width
             self.intrinsics = (f, f, (self.width - 1) / 2, (self.height - 1) / 2)
+        if self.color_size is None:
+            self.color_size = (self.width, self.height)
+        if self.color_intrinsics is None:
+            sx, sy = self.color_size[0] / self.width, self.color_size[1] / self.height
+            fx, fy, cx, cy = self.intrinsics
+            self.color_intrinsics = (fx * sx, fy * sy, (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5)
         self._rs = rs
         dev = self.device = rs.software_device()
         dev.register_info(rs.camera_info.serial_number, self.serial)
         dev.register_info(rs.camera_info.name, f"Intel RealSense {self.model} (software)")
         self._depth_sensor = dev.add_sensor("Stereo Module")
         self._color_sensor = dev.add_sensor("RGB Camera")
-        intr = rs.intrinsics()
-        intr.width, intr.height = self.width, self.height
-        intr.fx, intr.fy, intr.ppx, intr.ppy = (float(x) for x in self.intrinsics)
-        intr.model = rs.distortion.none
-        intr.coeffs = [0.0] * 5
-        self._depth_profile = self._add_stream(self._depth_sensor, rs.stream.depth, 0, intr)
-        self._color_profile = self._add_stream(self._color_sensor, rs.stream.color, 1, intr)
+        self._depth_profile = self._add_stream(
+            self._depth_sensor, rs.stream.depth, 0, (self.width, self.height), self.intrinsics
+        )
+        self._color_profile = self._add_stream(
+            self._color_sensor, rs.stream.color, 1, self.color_size, self.color_intrinsics
+        )
         self._depth_sensor.add_read_only_option(rs.option.depth_units, float(self.depth_units))
         extrinsics = rs.extrinsics()
         extrinsics.rotation = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
@@ -657,11 +817,16 @@ class SoftwareRealSense:
         self._frame_number = 0
         self._keep: deque[np.ndarray] = deque(maxlen=16)  # buffers the SDK may still read
 
-    def _add_stream(self, sensor: Any, stream: Any, uid: int, intr: Any) -> Any:
+    def _add_stream(self, sensor: Any, stream: Any, uid: int, size: Any, K: Any) -> Any:
         rs = self._rs
+        intr = rs.intrinsics()
+        intr.width, intr.height = size
+        intr.fx, intr.fy, intr.ppx, intr.ppy = (float(x) for x in K)
+        intr.model = rs.distortion.none
+        intr.coeffs = [0.0] * 5
         vs = rs.video_stream()
         vs.type, vs.index, vs.uid = stream, 0, uid
-        vs.width, vs.height, vs.fps, vs.intrinsics = self.width, self.height, self.fps, intr
+        vs.width, vs.height, vs.fps, vs.intrinsics = size[0], size[1], self.fps, intr
         if stream == rs.stream.depth:
             vs.bpp, vs.fmt = 2, rs.format.z16
         else:
@@ -677,9 +842,10 @@ class SoftwareRealSense:
         """Feed one colour + depth pair (same stamp and frame number); returns the number."""
         rs = self._rs
         H, W = self.height, self.width
-        if rgb.shape != (H, W, 3) or depth_m.shape != (H, W):
+        Wc, Hc = self.color_size
+        if rgb.shape != (Hc, Wc, 3) or depth_m.shape != (H, W):
             raise ValueError(
-                f"expected rgb {(H, W, 3)} and depth {(H, W)}, got {rgb.shape}, {depth_m.shape}"
+                f"expected rgb {(Hc, Wc, 3)} and depth {(H, W)}, got {rgb.shape}, {depth_m.shape}"
             )
         stamp = time.time() * 1e3 if timestamp_ms is None else float(timestamp_ms)
         number = self._frame_number
@@ -693,7 +859,7 @@ class SoftwareRealSense:
         ):
             f = rs.software_video_frame()
             f.pixels = pixels
-            f.bpp, f.stride = bpp, bpp * W
+            f.bpp, f.stride = bpp, bpp * pixels.shape[1]
             f.timestamp = stamp
             f.domain = rs.timestamp_domain.system_time
             f.frame_number = number

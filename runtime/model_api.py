@@ -8,6 +8,7 @@ to emulate compute; tests and benchmarks serve it. No torch import at module lev
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Protocol, runtime_checkable
 
@@ -43,7 +44,8 @@ class TraceModel(Protocol):
         ...
 
     def validate(self, obs: dict[str, Any]) -> None:
-        """Raise WireError(BAD_SHAPE / BAD_DTYPE / MALFORMED) if one request cannot run."""
+        """Raise WireError(BAD_SHAPE / BAD_DTYPE / BAD_VALUE / MALFORMED) if one request
+        cannot run: the server answers it with that error and never hands it to the model."""
         ...
 
     def predict_batch(self, observations: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -54,6 +56,14 @@ class TraceModel(Protocol):
 
 _DTYPES = {name: np.dtype(name) for name in ("uint8", "float32", "bool")}
 _OBS_FIELDS = frozenset({"rgb", "depth_m", "instruction", "hist_uvz", "hist_valid", "intrinsics"})
+# Value ranges of an observation (docs/protocol.md, "predict"). Beyond them a model computes
+# NaN or inf (|u| = 1e30, fx = 0) or spends a forward pass on nonsense; a tokenizer takes
+# 0.5 s over a 500,000-character instruction, a delay every request batched with it shares.
+# The image spans [-1, 1]; points well outside it are real (a gripper leaving the view:
+# run-real sends u = -4.7), and the tiny μ0 stays finite up to |u| = 1e8, not at 1e30.
+MAX_ABS_UV = 1000.0
+MAX_Z_M = 1000.0  # the fast path below relies on MAX_Z_M >= MAX_ABS_UV
+MAX_INSTRUCTION_CHARS = 2048
 
 
 def _require(obs: dict[str, Any], key: str, dtype: str, shape: tuple[int | None, ...]) -> None:
@@ -85,13 +95,24 @@ def validate_observation(
     (width, height); ``None`` accepts any size (the model resizes)."""
     if not isinstance(obs, dict):
         raise WireError(ErrorCode.MALFORMED, "observation must be a map")
+    unknown = obs.keys() - _OBS_FIELDS
+    if unknown:
+        raise WireError(ErrorCode.MALFORMED, f"unknown observation fields {sorted(unknown)}")
     w, h = image_size if image_size is not None else (None, None)
     _require(obs, "rgb", "uint8", (h, w, 3))
     H, W = obs["rgb"].shape[:2]
+    if H < 1 or W < 1:
+        raise WireError(ErrorCode.BAD_SHAPE, f"'rgb' is {W}x{H}; an image needs pixels")
     if obs.get("depth_m") is not None:
-        _require(obs, "depth_m", "float32", (H, W))
-    if not isinstance(obs.get("instruction"), str):
+        _require(obs, "depth_m", "float32", (H, W))  # 0, negative or non-finite = unknown
+    instruction = obs.get("instruction")
+    if not isinstance(instruction, str):
         raise WireError(ErrorCode.MALFORMED, "'instruction' must be a string")
+    if len(instruction) > MAX_INSTRUCTION_CHARS:
+        raise WireError(
+            ErrorCode.BAD_VALUE,
+            f"'instruction' has {len(instruction)} characters; at most {MAX_INSTRUCTION_CHARS}",
+        )
     _require(obs, "hist_uvz", "float32", (None, history_steps, 3))
     N = obs["hist_uvz"].shape[0]
     if not 1 <= N <= max_queries:
@@ -99,9 +120,46 @@ def validate_observation(
     if obs.get("hist_valid") is not None:
         _require(obs, "hist_valid", "bool", (N, history_steps))
     _require(obs, "intrinsics", "float32", (4,))
-    unknown = obs.keys() - _OBS_FIELDS
-    if unknown:
-        raise WireError(ErrorCode.MALFORMED, f"unknown observation fields {sorted(unknown)}")
+    _check_values(obs, W, H)
+
+
+def _check_values(obs: dict[str, Any], W: int, H: int) -> None:
+    """WireError(BAD_VALUE) naming the field, for values a model cannot use."""
+    fx, fy, cx, cy = obs["intrinsics"].tolist()
+    if not all(map(math.isfinite, (fx, fy, cx, cy))):
+        raise WireError(ErrorCode.BAD_VALUE, f"'intrinsics' must be finite, got {[fx, fy, cx, cy]}")
+    if fx <= 0 or fy <= 0:
+        raise WireError(ErrorCode.BAD_VALUE, f"'intrinsics' fx, fy must be > 0, got {fx}, {fy}")
+    if not (0 <= cx <= W and 0 <= cy <= H):
+        raise WireError(
+            ErrorCode.BAD_VALUE,
+            f"'intrinsics' principal point ({cx}, {cy}) must lie inside the {W}x{H} image",
+        )
+    hist = obs["hist_uvz"]
+    # Fast path for the common case, every value within +-MAX_ABS_UV and every z > 0:
+    # three reductions (NaN fails their comparisons) instead of the masked check below.
+    if (
+        float(hist.min()) >= -MAX_ABS_UV
+        and float(hist.max()) <= MAX_ABS_UV
+        and float(hist[..., 2].min()) > 0
+    ):
+        return
+    # Invalid steps are masked out by the model; the last step is the current position,
+    # which the model uses whatever its flag says.
+    valid = obs.get("hist_valid")
+    needed = np.ones(hist.shape[:2], bool) if valid is None else valid.copy()
+    needed[:, -1] = True
+    with np.errstate(invalid="ignore"):  # NaN compares False: counted as out of range
+        usable = (np.abs(hist[..., :2]) <= MAX_ABS_UV).all(-1)
+        usable &= (hist[..., 2] > 0) & (hist[..., 2] <= MAX_Z_M)
+    bad = needed & ~usable
+    if bad.any():
+        i, t = np.argwhere(bad)[0].tolist()
+        raise WireError(
+            ErrorCode.BAD_VALUE,
+            f"'hist_uvz'[{i}, {t}] = {hist[i, t].tolist()}: a valid step (and the last one) "
+            f"needs finite |u|, |v| <= {MAX_ABS_UV:g} and 0 < z <= {MAX_Z_M:g} m",
+        )
 
 
 def uvz_to_xyz_cam(

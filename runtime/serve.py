@@ -200,9 +200,10 @@ def _load_model(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime.server import CurveConfig, TraceServer, log_event
+    from runtime.server import CurveConfig, TraceServer, log_event, return_large_buffers_to_the_os
 
     setup_logging(args.log_json)
+    return_large_buffers_to_the_os()
     curve = None
     if args.curve_dir is not None:
         allowed = args.allow_client_key or [args.curve_dir / "clients"]
@@ -229,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    # On this (the inference) thread, before the port file says the server is up.
+    log_event(logging.INFO, "warmed_up", infer_ms=server.warm_up())
     server.start(inference_thread=False)  # serve_forever runs inference on this thread
     if args.port_file is not None:
         tmp = args.port_file.with_suffix(".tmp")  # rename so readers never see half a file

@@ -8,17 +8,21 @@ a request pending, at most ``max_batch``, or ``batch_window_ms`` ran out), it ha
 watch to a helper thread, runs ``model.predict_batch``, takes the watch back and sends
 the replies. So a request reaches the model with no thread hand-off, and the socket is
 watched while the model runs; a model whose batches all take under ``inline_below_ms``
-runs without the helper, since waking it would cost more than the wait.
+runs without the helper, since waking it would cost more than the wait. A batch the model
+fails on is split and re-run, so a request that breaks the model fails alone; a request
+whose traces are not finite is answered with an error, never with the NaNs.
 
 ZeroMQ sockets are not thread-safe: only the thread on watch touches the ROUTER, under
 one lock, and it sleeps in select() on the ROUTER's file descriptor, outside zmq. A slow
-client never blocks anyone: ROUTER drops what a peer does not read once its high-water
-mark is full. Wire format: runtime/wire.py and docs/protocol.md.
+client never blocks anyone: once ``send_hwm`` replies to a peer wait unread, the next
+ones are dropped, counted in ``stats.dropped_replies`` and logged. Wire format:
+runtime/wire.py and docs/protocol.md.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
 import logging
 import os
@@ -43,6 +47,26 @@ log = logging.getLogger("mu0.server")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _CLIENT_IDLE_S = 60.0  # forget per-client state (rate bucket) after this long unheard
 _TRACE = Kind.TRACE.value
+# Log lines per client and second: a client sending garbage at 1,000 frames/s would
+# otherwise cost the server a line per frame (and fill the disk); the lines left out
+# are counted in the next one logged.
+_ERROR_LINES_PER_S = 5
+_DROP_LINES_PER_S = 1
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def return_large_buffers_to_the_os(threshold_bytes: int = 4 << 20) -> bool:
+    """Make glibc serve every allocation of ``threshold_bytes`` or more by mmap, so a large
+    frame's buffer goes back to the OS when it is freed. Process-wide: `mu0 serve` calls
+    it at start. By default glibc raises that threshold to the largest block freed so far
+    (up to 32 MiB); after one 16 MiB frame, ZeroMQ's I/O thread took the next ones from
+    its heap and kept them, and malloc_trim did not give them back: 10,000 fuzzed frames
+    (22 of 16 MiB) left the server 47% larger. False where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
 
 
 def log_event(level: int, event: str, **fields: Any) -> None:
@@ -115,6 +139,27 @@ class _ClientState:
 
 
 @dataclass
+class _LogBudget:
+    """One kind of log line for one client: at most ``per_s`` lines a second."""
+
+    per_s: int
+    window_start: float = -1e9
+    used: int = 0
+    left_out: int = 0
+
+    def take(self, now: float) -> int | None:
+        """None: leave this line out; else log it, with this many left out before it."""
+        if now - self.window_start >= 1.0:
+            self.window_start, self.used = now, 0
+        if self.used >= self.per_s:
+            self.left_out += 1
+            return None
+        self.used += 1
+        left_out, self.left_out = self.left_out, 0
+        return left_out
+
+
+@dataclass
 class _Stats:
     """Counters and rolling windows (the watching thread counts requests, the inference
     thread traces)."""
@@ -126,6 +171,7 @@ class _Stats:
     latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     infer_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     batch_sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+    dropped_replies: int = 0
 
     def snapshot(self, clients: int, pending: int) -> dict[str, Any]:
         now = time.monotonic()
@@ -147,6 +193,7 @@ class _Stats:
             "errors": dict(self.errors),
             "clients": clients,
             "pending": pending,
+            "dropped_replies": self.dropped_replies,
         }
 
 
@@ -168,6 +215,20 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1e3, 3)
 
 
+def _finite_or_reason(prediction: dict[str, Any]) -> dict[str, Any] | str:
+    """The prediction if every float array in it is finite (the protocol promises that),
+    else the error message for its request."""
+    for key, value in prediction.items():
+        if (
+            isinstance(value, np.ndarray)
+            and value.dtype.kind == "f"
+            and not np.isfinite(value).all()
+        ):
+            log_event(logging.ERROR, "model_not_finite", field=key)
+            return f"the model's '{key}' for this request is not finite"
+    return prediction
+
+
 class TraceServer:
     """Serves a ``TraceModel`` on ``tcp://host:port`` (port 0 picks a free one).
 
@@ -179,6 +240,10 @@ class TraceServer:
     thread runs the next batch without handing the watch to the helper. Waking the helper
     costs tens of microseconds of a busy CPU, more than such a model takes, and requests
     that arrive meanwhile wait at most that long in ZeroMQ's queue. 0 always hands over.
+
+    ``send_hwm``: replies per client that may wait unread before further ones are dropped
+    (counted and logged); a client with at most half of it unanswered never loses one.
+    ``max_header_bytes`` bounds frame 0 of a request, which is the part that is unpacked.
     """
 
     def __init__(
@@ -193,8 +258,9 @@ class TraceServer:
         curve: CurveConfig | None = None,
         pub_port: int | None = None,
         max_pending: int = 256,
-        send_hwm: int = 64,
+        send_hwm: int = 256,
         inline_below_ms: float = 1.0,
+        max_header_bytes: int = wire.DEFAULT_MAX_HEADER_BYTES,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -204,6 +270,8 @@ class TraceServer:
         self.batch_window_s = batch_window_ms / 1e3
         self.max_batch = max_batch
         self.max_message_bytes = max_message_bytes
+        self.max_header_bytes = min(max_header_bytes, max_message_bytes)
+        self.send_hwm = send_hwm
         self.rate_limit_hz = rate_limit_hz
         self.max_pending = max_pending
         self.inline_below_ms = inline_below_ms
@@ -213,7 +281,10 @@ class TraceServer:
                 logging.WARNING, "insecure_bind", host=host, hint="use --curve beyond loopback"
             )
 
-        self._ctx = zmq.Context()
+        # Two I/O threads: while one copies a 16 MiB frame in (legal, if refused), the
+        # other keeps reading other clients; with one, a ping sent right after such a
+        # frame waited 13 ms at p50 (45 ms at worst), with two 3-4 ms.
+        self._ctx = zmq.Context(io_threads=2)
         self._auth = None
         if curve is not None:
             from zmq.auth.thread import ThreadAuthenticator
@@ -225,6 +296,9 @@ class TraceServer:
             )
 
         self._router = self._socket(zmq.ROUTER, send_hwm)
+        # A full peer queue makes a non-blocking send fail (EAGAIN) instead of dropping in
+        # silence, so every drop is counted and logged (docs/protocol.md, "Replies").
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # The transport drops (and disconnects) frames far above our limit before they
         # are buffered; messages just above it still reach us and get a typed TOO_LARGE.
         self._router.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + (1 << 20))
@@ -262,6 +336,8 @@ class TraceServer:
         self._stop = threading.Event()
         self._closed = threading.Event()
         self._clients: dict[bytes, _ClientState] = {}
+        self._log_budgets: dict[tuple[bytes, str], _LogBudget] = {}
+        self._warmup_infer_ms: float | None = None
         # Clients that sent a predict within the last second: the worker waits for at most
         # this many, so a lone client never sits out the batch window for nobody.
         self._recent_predictors: dict[bytes, float] = {}
@@ -355,6 +431,21 @@ class TraceServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def warm_up(self, rounds: int = 2) -> float:
+        """Run the model on made-up observations before serving (first calls pay for lazy
+        initialisation) and keep the last time as the handshake's ``typical_infer_ms``
+        until real batches have been timed. Call before ``start``; returns that time."""
+        from runtime.model_api import make_observation
+
+        size = self.metadata.get("image_size") or (224, 224)
+        queries = min(16, int(self.metadata.get("max_queries", 16)))
+        obs = make_observation(num_queries=queries, image_size=tuple(size))
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            self.model.predict_batch([obs])
+            self._warmup_infer_ms = _ms(time.perf_counter() - t0)
+        return self._warmup_infer_ms
+
     def stats(self) -> dict[str, Any]:
         """Live statistics (the body of a ``stats_ok`` reply)."""
         return self._stats.snapshot(len(self._clients), len(self._pending))
@@ -431,7 +522,7 @@ class TraceServer:
         identity = frames[0].bytes
         request_id: int | None = None
         try:
-            header = wire.decode(frames[1:], self.max_message_bytes)
+            header = wire.decode(frames[1:], self.max_message_bytes, self.max_header_bytes)
             request_id = header.get("id") if type(header.get("id")) is int else None
             kind, request_id, body = wire.check_header(header, wire.REQUEST_KINDS)
             # After decoding (cheap: no copies) so the refusal names the request it refuses.
@@ -483,19 +574,28 @@ class TraceServer:
         stale = [k for k, s in self._clients.items() if now - s.last_seen > _CLIENT_IDLE_S]
         for k in stale:
             del self._clients[k]
+            self._log_budgets.pop((k, "request_error"), None)
+            self._log_budgets.pop((k, "reply_dropped"), None)
         quiet = [k for k, t in self._recent_predictors.items() if now - t > 1.0]
         for k in quiet:
             del self._recent_predictors[k]
         self._active_predictors = len(self._recent_predictors)
 
     def _hello_body(self) -> dict[str, Any]:
+        recent = list(self._stats.infer_ms)
+        typical = float(np.median(recent)) if recent else self._warmup_infer_ms
         return {
             "protocol_version": wire.PROTOCOL_VERSION,
             **self.metadata,
             "max_batch": self.max_batch,
             "batch_window_ms": self.batch_window_s * 1e3,
             "max_message_bytes": self.max_message_bytes,
+            "max_header_bytes": self.max_header_bytes,
             "rate_limit_hz": self.rate_limit_hz,
+            "rate_limit_burst": self._bucket_size() if self.rate_limit_hz > 0 else None,
+            "max_pending": self.max_pending,
+            "send_queue": self.send_hwm,
+            "typical_infer_ms": None if typical is None else round(typical, 3),
             "pub_port": self.pub_port,
             "dtypes": sorted(wire.SUPPORTED_DTYPES),
         }
@@ -526,15 +626,25 @@ class TraceServer:
         self, identity: bytes, code: ErrorCode, message: str, request_id: int | None, t_recv: float
     ) -> None:
         self._stats.errors[code.value] += 1
-        log_event(
-            logging.WARNING,
+        self._log_limited(
+            identity,
             "request_error",
-            client=identity.hex(),
+            _ERROR_LINES_PER_S,
             id=request_id,
             code=code.value,
             detail=repr(message),
         )
         self._send(identity, wire.error_reply(code, message, request_id), t_recv)
+
+    def _log_limited(self, identity: bytes, event: str, per_s: int, **fields: Any) -> None:
+        """A WARNING line about this client, at most ``per_s`` of ``event`` a second; each
+        line says how many were left out (``left_out``) since the previous one."""
+        budget = self._log_budgets.get((identity, event))
+        if budget is None:
+            budget = self._log_budgets[(identity, event)] = _LogBudget(per_s)
+        left_out = budget.take(time.monotonic())
+        if left_out is not None:
+            log_event(logging.WARNING, event, client=identity.hex(), left_out=left_out, **fields)
 
     def _send(self, identity: bytes, header: dict[str, Any], t_recv: float) -> None:
         """Stamp total server time (receive -> send) and send without copying arrays."""
@@ -545,12 +655,25 @@ class TraceServer:
         frames = wire.encode(header)
         try:
             if len(frames) == 1:  # small arrays only, all inline: a plain copying send
-                self._router.send(identity, zmq.SNDMORE)
-                self._router.send(frames[0])
+                self._router.send(identity, zmq.SNDMORE | zmq.NOBLOCK)
+                self._router.send(frames[0], zmq.NOBLOCK)
             else:
-                self._router.send_multipart([identity, *frames], copy=False)
+                self._router.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # the peer's queue is full (ROUTER_MANDATORY): drop, count, log
+            self._dropped(identity, header)
         except zmq.ZMQError as exc:  # peer gone mid-send; nothing to do
             log_event(logging.DEBUG, "send_failed", client=identity.hex(), error=exc)
+
+    def _dropped(self, identity: bytes, header: dict[str, Any]) -> None:
+        self._stats.dropped_replies += 1
+        self._log_limited(
+            identity,
+            "reply_dropped",
+            _DROP_LINES_PER_S,
+            id=header["id"],
+            kind=header["kind"],
+            reason=f"{self.send_hwm} replies wait unread",
+        )
 
     # ------------------------------------------------------------------ threads
 
@@ -613,23 +736,35 @@ class TraceServer:
         keys = list(itertools.islice(self._pending, self.max_batch))
         return [self._pending.pop(k) for k in keys]
 
-    def _predict(self, batch: list[_Pending]) -> list[dict[str, Any]] | list[None]:
-        """The model's predictions for ``batch``; all None if it failed."""
+    def _predict(self, batch: list[_Pending]) -> list[dict[str, Any] | str]:
+        """The model's prediction for each request of ``batch``, or why it has none.
+
+        A batch the model fails on is split in halves and each half re-run, down to single
+        requests: whatever input validation let through fails only its own request, for
+        about 2 log2(batch) extra passes. (Re-running every request alone would cost a pass
+        per request.)"""
         try:
-            predictions: list[dict[str, Any]] | list[None] = self.model.predict_batch(
-                [p.obs for p in batch]
-            )
+            predictions = self.model.predict_batch([p.obs for p in batch])
             if len(predictions) != len(batch):
                 raise RuntimeError(f"model returned {len(predictions)} for {len(batch)}")
         except Exception:
-            log.error("event=model_failed batch=%d\n%s", len(batch), traceback.format_exc())
-            predictions = [None] * len(batch)
-        return predictions
+            if len(batch) > 1:
+                log_event(logging.WARNING, "batch_failed", batch=len(batch), retry="in halves")
+                half = len(batch) // 2
+                return self._predict(batch[:half]) + self._predict(batch[half:])
+            log.error(
+                "event=model_failed client=%s id=%s\n%s",
+                batch[0].identity.hex(),
+                batch[0].request_id,
+                traceback.format_exc(),
+            )
+            return ["model failed"]
+        return [_finite_or_reason(p) for p in predictions]
 
     def _send_traces(
         self,
         batch: list[_Pending],
-        predictions: list[dict[str, Any]] | list[None],
+        predictions: list[dict[str, Any] | str],
         t_start: float,
         t_end: float,
     ) -> None:
@@ -637,9 +772,9 @@ class TraceServer:
         sent = []
         with self._sock_lock:
             for p, prediction in zip(batch, predictions):
-                if prediction is None:
+                if isinstance(prediction, str):
                     self._send_error(
-                        p.identity, ErrorCode.INTERNAL, "model failed", p.request_id, p.t_recv
+                        p.identity, ErrorCode.INTERNAL, prediction, p.request_id, p.t_recv
                     )
                     continue
                 timings = {

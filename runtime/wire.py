@@ -11,7 +11,7 @@ Nothing here imports zmq, torch or pickle: this module is the contract.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -26,6 +26,17 @@ INLINE_MAX_BYTES = 64 * 1024
 # Messages whose frames add up to more than this are refused with TOO_LARGE. 64 MiB fits
 # a few 4K RGB-D frames; servers may lower it.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# The header (frame 0) has a limit of its own, far below the message's: unpacking builds a
+# Python object per msgpack value, so a 16 MiB header of empty maps once cost the server
+# 4.65 s and 1.2 GB. Real headers are a few KiB (inline arrays are under INLINE_MAX_BYTES
+# each); larger arrays belong in frames, which are never unpacked.
+DEFAULT_MAX_HEADER_BYTES = 1024 * 1024
+# Bounds while unpacking a header: elements per container (checked by msgpack before it
+# allocates), and elements of all containers together (counted as each one completes).
+# Real messages hold a few dozen; these bound the worst header to ~10^4 small objects.
+MAX_CONTAINER_LEN = 1024
+MAX_HEADER_ELEMENTS = 4096
 
 
 class Kind(str, enum.Enum):
@@ -51,11 +62,12 @@ REQUEST_KINDS = frozenset({Kind.HELLO, Kind.PING, Kind.PREDICT, Kind.STATS})
 class ErrorCode(str, enum.Enum):
     """Typed error codes of an ``error`` reply (and of ``WireError`` raised locally)."""
 
-    MALFORMED = "malformed"  # not msgpack, not a map, missing/invalid field, frame out of range
+    MALFORMED = "malformed"  # not msgpack, not a map, missing/invalid/unknown field, bad frame
     VERSION_MISMATCH = "version_mismatch"  # header "v" differs from the server's version
     UNKNOWN_KIND = "unknown_kind"  # "kind" is not a request kind
     BAD_SHAPE = "bad_shape"  # an array has the wrong rank or size for its field
     BAD_DTYPE = "bad_dtype"  # unsupported dtype, or the wrong dtype for a field
+    BAD_VALUE = "bad_value"  # right type and shape, values the model cannot use (NaN, fx <= 0)
     TOO_LARGE = "too_large"  # message above the size limit
     OVERLOADED = "overloaded"  # too many clients waiting; retry later
     RATE_LIMITED = "rate_limited"  # this client sends faster than the per-client limit
@@ -151,14 +163,17 @@ def frame_bytes(frame: Any) -> memoryview:
 
 
 def decode(
-    frames: Sequence[Any], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    frames: Sequence[Any],
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 ) -> dict[str, Any]:
     """Frames -> header map with arrays restored as read-only views (over the frames, or
     over the header's bytes for inline arrays).
 
-    Raises WireError(TOO_LARGE) above ``max_message_bytes`` (all frames together) and
-    WireError(MALFORMED / BAD_DTYPE / BAD_SHAPE) for anything that is not a valid message.
-    Versions and kinds are not checked here (see ``check_header``).
+    Raises WireError(TOO_LARGE) above ``max_message_bytes`` (all frames together) or a
+    header above ``max_header_bytes``, and WireError(MALFORMED / BAD_DTYPE / BAD_SHAPE /
+    BAD_VALUE) for anything that is not a valid message. Versions and kinds are not
+    checked here (see ``check_header``).
     """
     if not frames:
         raise WireError(ErrorCode.MALFORMED, "empty message")
@@ -168,24 +183,33 @@ def decode(
         raise WireError(
             ErrorCode.TOO_LARGE, f"message is {total} bytes; the limit is {max_message_bytes}"
         )
+    if views[0].nbytes > max_header_bytes:
+        raise WireError(
+            ErrorCode.TOO_LARGE,
+            f"header is {views[0].nbytes} bytes; the limit is {max_header_bytes} "
+            "(send large arrays as frames)",
+        )
     used: set[int] = set()
+    left = MAX_HEADER_ELEMENTS  # as _element_counter, inlined: these run for every container
 
     def object_hook(value: dict[str, Any]) -> Any:  # msgpack calls this for every map
+        nonlocal left
+        left -= len(value) + 1
+        if left < 0:
+            raise _too_many_values()
         if len(value) == 3 and value.keys() in _ARRAY_KEYS:
             return _decode_array(value, views, used)
         return value
 
+    def list_hook(value: list[Any]) -> list[Any]:
+        nonlocal left
+        left -= len(value) + 1
+        if left < 0:
+            raise _too_many_values()
+        return value
+
     try:
-        # strict_map_key keeps keys to str/bytes; unpackb bounds container sizes by the
-        # buffer's length (a tiny header cannot claim a huge map) and nesting by its own
-        # stack (StackError). Ext types are refused.
-        header = msgpack.unpackb(
-            views[0],
-            raw=False,
-            strict_map_key=True,
-            ext_hook=_refuse_ext,
-            object_hook=object_hook,
-        )
+        header = _unpack(views[0], object_hook, list_hook)
         if not isinstance(header, dict):
             raise WireError(ErrorCode.MALFORMED, "header must be a msgpack map")
         if len(used) != len(views) - 1:
@@ -202,10 +226,48 @@ def decode(
     return header
 
 
+def _unpack(packed: memoryview, object_hook: Any, list_hook: Any) -> Any:
+    # strict_map_key keeps keys to str/bytes; the max_*_len bounds are checked before a
+    # container is allocated, the hooks count elements as containers complete, and
+    # msgpack's own stack bounds nesting (StackError). Ext types are refused.
+    return msgpack.unpackb(
+        packed,
+        raw=False,
+        strict_map_key=True,
+        ext_hook=_refuse_ext,
+        object_hook=object_hook,
+        list_hook=list_hook,
+        max_array_len=MAX_CONTAINER_LEN,
+        max_map_len=MAX_CONTAINER_LEN,
+    )
+
+
+def _too_many_values() -> WireError:
+    return WireError(
+        ErrorCode.MALFORMED, f"header holds more than {MAX_HEADER_ELEMENTS} msgpack values"
+    )
+
+
+def _element_counter() -> Callable[[Any], Any]:
+    """A hook for every completed container that refuses a header once its containers
+    hold more than MAX_HEADER_ELEMENTS values together."""
+    left = MAX_HEADER_ELEMENTS
+
+    def count(container: Any) -> Any:
+        nonlocal left
+        left -= len(container) + 1
+        if left < 0:
+            raise _too_many_values()
+        return container
+
+    return count
+
+
 def _request_id_of(packed: memoryview) -> int | None:
-    """The ``id`` of a header whose arrays failed to decode (None if unreadable)."""
+    """The ``id`` of a header that failed to decode (None if unreadable)."""
+    count = _element_counter()  # the same bounds as decode: a hostile header stays cheap
     try:
-        header = msgpack.unpackb(packed, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+        header = _unpack(packed, count, count)
     except Exception:
         return None
     request_id = header.get("id") if isinstance(header, dict) else None
@@ -247,6 +309,9 @@ def _decode_array(spec: dict[str, Any], views: list[memoryview], used: set[int])
             ErrorCode.BAD_SHAPE, f"{where} has {len(data)} bytes; {name}{shape} needs {expected}"
         )
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    if name == "bool" and array.size and array.view(np.uint8).max() > 1:
+        # numpy keeps the raw byte, so a 2 would be "True" here and 2 in arithmetic
+        raise WireError(ErrorCode.BAD_VALUE, f"bool array {shape} holds bytes other than 0/1")
     if array.flags.writeable:  # a view over a received frame (inline bytes are read-only)
         array.flags.writeable = False  # copy before mutating
     return array
@@ -285,12 +350,32 @@ def error_reply(
     return reply(Kind.ERROR, request_id, body, timings)
 
 
+# Request ids: non-negative and signed-64-bit, so every language's integer holds them.
+MAX_REQUEST_ID = 2**63 - 1
+_REQUEST_KEYS = frozenset({"v", "kind", "id", "body"})
+# Body keys of each request kind; any other key is refused (docs/protocol.md, "Unknown keys").
+_BODY_KEYS = {
+    Kind.HELLO: frozenset(),
+    Kind.PING: frozenset(),
+    Kind.STATS: frozenset(),
+    Kind.PREDICT: frozenset({"obs"}),
+}
+
+
 def check_header(header: dict[str, Any], allowed: frozenset[Kind]) -> tuple[Kind, int, dict]:
-    """Validate the envelope of a decoded message -> (kind, id, body)."""
+    """Validate the envelope of a decoded message -> (kind, id, body).
+
+    Requests (``allowed`` holds request kinds) must carry exactly the known keys, in the
+    header and in the body; replies may carry keys this peer does not know (a newer
+    server's), and an error reply's id may be nil."""
     request_id = header.get("id")
-    if type(request_id) is not int or not -(2**63) <= request_id < 2**64:
-        raise WireError(ErrorCode.MALFORMED, "'id' must be an integer")
+    is_request = not allowed.isdisjoint(REQUEST_KINDS)
+    if not (type(request_id) is int and 0 <= request_id <= MAX_REQUEST_ID):
+        if is_request or request_id is not None:
+            raise WireError(ErrorCode.MALFORMED, "'id' must be an integer in [0, 2^63 - 1]")
     version = header.get("v")
+    if type(version) is not int:  # 2.0, True and "2" are not the integer 2
+        raise WireError(ErrorCode.MALFORMED, f"'v' must be the integer {PROTOCOL_VERSION}")
     if version != PROTOCOL_VERSION:
         raise WireError(
             ErrorCode.VERSION_MISMATCH,
@@ -305,4 +390,12 @@ def check_header(header: dict[str, Any], allowed: frozenset[Kind]) -> tuple[Kind
     body = header.get("body", {})
     if not isinstance(body, dict):
         raise WireError(ErrorCode.MALFORMED, "'body' must be a map")
+    if is_request:
+        for where, keys, known in (
+            ("header", header.keys(), _REQUEST_KEYS),
+            (f"{kind.value} body", body.keys(), _BODY_KEYS[kind]),
+        ):
+            if not keys <= known:
+                unknown = sorted(map(str, keys - known))
+                raise WireError(ErrorCode.MALFORMED, f"unknown keys in the {where}: {unknown}")
     return kind, request_id, body

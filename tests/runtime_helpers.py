@@ -36,23 +36,26 @@ def spawn_server(
     tmp_path: Path,
     port: int = 0,
     *extra: str,
-    model_args: tuple[str, ...] = ("--trivial",),
+    model: tuple[str, ...] = ("--trivial",),
     start_timeout_s: float = 15.0,
+    log: Path | None = None,
 ) -> tuple[subprocess.Popen, int]:
-    """``python -m runtime.serve --trivial`` (or ``model_args``) as a subprocess; returns
-    (process, port)."""
+    """``python -m runtime.serve --trivial`` (or ``model``'s arguments) as a subprocess;
+    returns (process, port) once it serves. Its stderr goes to ``log`` if given (a server
+    that logs a lot would fill an unread pipe and stall), else to ``process.stderr``."""
     port_file = tmp_path / f"port-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, "-m", "runtime.serve", *model_args, "--port", str(port)]
+    cmd = [sys.executable, "-m", "runtime.serve", *model, "--port", str(port)]
     cmd += ["--port-file", str(port_file), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    with contextlib.ExitStack() as files:
+        stderr = subprocess.PIPE if log is None else files.enter_context(log.open("wb"))
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + start_timeout_s
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
+            why = proc.stderr.read().decode() if log is None else log.read_text()
+            raise RuntimeError(f"server did not start: {why[-2000:]}")
         time.sleep(0.02)
     return proc, json.loads(port_file.read_text())["port"]
 

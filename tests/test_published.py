@@ -227,7 +227,7 @@ def test_mu0_serve_hosts_the_port_and_matches_its_direct_output(tmp_path, releas
     proc, port = spawn_server(
         tmp_path,
         0,
-        model_args=(
+        model=(
             "--checkpoint",
             str(FIXTURE / "release"),
             "--vlm-dir",

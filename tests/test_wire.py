@@ -181,3 +181,38 @@ def test_error_reply_of_version_mismatch_names_the_server_version() -> None:
         "message": "old client",
         "server_version": wire.PROTOCOL_VERSION,
     }
+
+
+def test_versions_ids_and_unknown_keys_follow_one_rule() -> None:
+    v = wire.PROTOCOL_VERSION
+    ok = {"v": v, "kind": "predict", "id": 2**63 - 1, "body": {"obs": {}}}
+    assert wire.check_header(ok, wire.REQUEST_KINDS)[1] == 2**63 - 1
+    bad = [
+        ({"v": 2.0, "kind": "ping", "id": 1}, ErrorCode.MALFORMED),  # not the integer 2
+        ({"v": True, "kind": "ping", "id": 1}, ErrorCode.MALFORMED),
+        ({"kind": "ping", "id": 1}, ErrorCode.MALFORMED),  # no v
+        ({"v": 3, "kind": "ping", "id": 1}, ErrorCode.VERSION_MISMATCH),
+        ({"v": v, "kind": "ping", "id": -1}, ErrorCode.MALFORMED),
+        ({"v": v, "kind": "ping", "id": 2**63}, ErrorCode.MALFORMED),
+        ({"v": v, "kind": "ping", "id": 1, "trace_me": True}, ErrorCode.MALFORMED),
+        ({"v": v, "kind": "ping", "id": 1, "body": {"x": 1}}, ErrorCode.MALFORMED),
+        ({"v": v, "kind": "predict", "id": 1, "body": {"obs": {}, "x": 1}}, ErrorCode.MALFORMED),
+    ]
+    for header, code in bad:
+        with pytest.raises(WireError) as err:
+            wire.check_header(header, wire.REQUEST_KINDS)
+        assert err.value.code is code, header
+    # Replies: unknown keys are a newer server's fields, and an error may carry no id.
+    reply = {**wire.error_reply(ErrorCode.MALFORMED, "x", None), "new_field": 1}
+    assert wire.check_header(reply, frozenset({Kind.ERROR}))[0] is Kind.ERROR
+
+
+def test_header_limits_refuse_big_and_crowded_headers() -> None:
+    with pytest.raises(WireError) as err:
+        wire.decode([msgpack.packb({"x": b"a" * 2000})], max_header_bytes=1000)
+    assert err.value.code is ErrorCode.TOO_LARGE
+    crowded = msgpack.packb({"v": 2, "x": [[1] * 100] * 50})  # 5,000 values in 51 lists
+    with pytest.raises(WireError) as err:
+        wire.decode([crowded])
+    assert err.value.code is ErrorCode.MALFORMED and "4096" in err.value.message
+    wire.decode([msgpack.packb({"v": 2, "x": [[1] * 100] * 30})])  # 3,000 values pass

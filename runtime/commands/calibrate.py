@@ -7,7 +7,9 @@ good and what the next ones should add (more tilt, more spread), ``u`` drops the
 ``s`` solves once there are enough. With ``--auto`` the arm moves itself through poses
 around where it starts, through the safety layer, after a confirmation.
 ``--sim`` runs the same session on the simulated rig (no hardware, no prompts).
-The result is written as a timestamped calibration file that `mu0 run-real` loads.
+The result is written as a timestamped calibration file that `mu0 run-real` loads, and a
+verdict is printed: good, marginal (written, with the reasons) or refused (nothing written,
+with what to recapture or which motion to add); docs/deployment.md lists the figures.
 """
 
 from __future__ import annotations
@@ -74,13 +76,28 @@ def _report(result: Any, path: Path) -> None:
     q = result.quality()
     print(
         f"{result.kind}: {q['views_used']} views used, reprojection {q['reprojection_rms_px']:.3f} "
-        f"px through the whole chain (single views {q['pnp_rms_px']:.3f} px), residuals "
-        f"{q['residual_trans_mm']:.2f} mm / {q['residual_rot_deg']:.3f} deg, rotation spread "
-        f"{q['rotation_spread_deg']:.0f} deg ({q['method']})"
+        f"px ({q['chain_rms_mm_at_board']:.2f} mm at the board) through the whole chain, "
+        f"single views {q['pnp_rms_px']:.3f} px; leaving one view out moves it by up to "
+        f"{q['leave_one_out_mm']:.2f} mm / {q['leave_one_out_deg']:.3f} deg; rotation spread "
+        f"{q['rotation_spread_deg']:.0f} deg, {q['rotation_off_axis_deg']:.0f} deg off its main "
+        f"axis ({q['method']})"
     )
     for view, reason in q["views_rejected"].items():
         print(f"  view {view} not used: {reason}")
     print(f"wrote {path}")
+    reasons = "; ".join(q["warnings"]) or "every figure within the good limits"
+    print(f"verdict: {q['verdict']} ({reasons})")
+
+
+def _solve(session: Any) -> Any:
+    """The session's result, or None after printing the refusal and its reason."""
+    from calibration.handeye import CalibrationError
+
+    try:
+        return session.solve()
+    except CalibrationError as e:
+        print(f"verdict: refused ({e}); nothing written")
+        return None
 
 
 def _run_sim(args: argparse.Namespace, board: Any) -> int:
@@ -107,7 +124,9 @@ def _run_sim(args: argparse.Namespace, board: Any) -> int:
                 continue
             view = session.add(scene.render(camera, shown), scene.T_base_eef())
             print(f"  captured: {view!r} -> {session.advice()}")
-        result = session.solve()
+        result = _solve(session)
+        if result is None:
+            return 1
         H, W = scene.image_hw
         calib = session.to_calibration(
             result, f"sim-{camera}", (W, H), camera_name=camera, robot=args.robot
@@ -155,7 +174,9 @@ def _run_real(args: argparse.Namespace, board: Any, prompt: Callable[[str], str]
         if session.good < session.limits.min_views:
             print(f"only {session.good} good views; nothing written")
             return 1
-        result = session.solve()
+        result = _solve(session)
+        if result is None:
+            return 1
         calib = session.to_calibration(
             result,
             camera.serial,

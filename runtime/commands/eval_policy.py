@@ -111,7 +111,6 @@ def _pct(xs: list[float], q: float) -> float | None:
 
 def evaluate_robot(job: dict[str, Any]) -> list[dict[str, Any]]:
     """One robot's expert over every task and condition (runs in its own process)."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
     import numpy as np
     import torch
 
