@@ -15,18 +15,23 @@ DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
 # Episodes per pair by task (multi-phase tasks need more), or per pair as
 # EPISODES_<Task>_<Robot> (e.g. EPISODES_PickPlaceCan_UR5e=8).
-EPISODES_Lift=${EPISODES_Lift:-8}
-EPISODES_Stack=${EPISODES_Stack:-20}
-EPISODES_PickPlaceCan=${EPISODES_PickPlaceCan:-20}
+# The defaults are what the shipped checkpoints were trained on (docs/world-model.md).
+EPISODES_Lift=${EPISODES_Lift:-6}
+EPISODES_Lift_UR5e=${EPISODES_Lift_UR5e:-4}
+EPISODES_Stack=${EPISODES_Stack:-12}
+EPISODES_Stack_UR5e=${EPISODES_Stack_UR5e:-20}
+EPISODES_PickPlaceCan=${EPISODES_PickPlaceCan:-12}
 JOBS=${JOBS:-2}
-STEPS=${STEPS:-9000}
-# The tokens baseline trains about 8x slower a step on CPU; the shipped one had 3000 steps.
-TOKEN_STEPS=${TOKEN_STEPS:-3000}
+STEPS=${STEPS:-2500}
+# The tokens baseline trains about 8x slower a step on CPU.
+TOKEN_STEPS=${TOKEN_STEPS:-500}
+# Half of each training sample's point slots go first to points that move.
+MOVING_SHARE=${MOVING_SHARE:-0.5}
 SIZE=${SIZE:-128}
 STAGE=${1:-all}
-# PickPlaceCan × Kinova3 is left out, as in the shipped checkpoints: its scripted demonstrator
-# failed when they were trained (it succeeds now; add the pair to PAIRS to include it).
-PAIRS=${PAIRS:-"Stack-UR5e Stack-Panda PickPlaceCan-Panda PickPlaceCan-UR5e Lift-Panda Lift-UR5e Lift-Kinova3 Stack-Kinova3"}
+# More pairs (PickPlaceCan-UR5e, Lift-Kinova3, Stack-Kinova3, ...) are one word each here; the
+# shipped checkpoints were trained on these five (CPU time ran out for the others).
+PAIRS=${PAIRS:-"Stack-UR5e Stack-Panda PickPlaceCan-Panda Lift-Panda Lift-UR5e"}
 
 collect_pair() {  # both stages resume: finished episodes are kept and skipped
   local pair=$1 task=${1%-*} robot=${1#*-} n m
@@ -53,7 +58,7 @@ if [[ $STAGE == train || $STAGE == all ]]; then
   for pair in $PAIRS; do train+=("$DATA/traces/train/$pair"); done
   # Frozen-encoder features are the same for all four runs: one shared cache.
   common=(--data "${train[@]}" --steps "$STEPS" --batch-size 16 --max-points 32 --eval-every 500
-    --save-every 500 --feature-cache "$RUNS/feature_cache")
+    --save-every 500 --feature-cache "$RUNS/feature_cache" --moving-share "$MOVING_SHARE")
   "$MU0" pretrain "${common[@]}" --out "$RUNS/tiny"
   "$MU0" pretrain "${common[@]}" --out "$RUNS/tiny-bezier" --knots bezier
   "$MU0" pretrain "${common[@]}" --out "$RUNS/tiny-regression" --objective regression
@@ -64,5 +69,5 @@ if [[ $STAGE == train || $STAGE == all ]]; then
 fi
 
 if [[ $STAGE == eval || $STAGE == all ]]; then
-  "$MU0" eval-traces --json outputs/eval_traces.json
+  "$MU0" eval-traces --max-batches 20 --samples-k 0 --json outputs/eval_traces.json
 fi
