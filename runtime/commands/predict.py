@@ -134,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
         hist_uvz=np.asarray(query.hist_uvz),
         hist_valid=None if query.hist_valid is None else np.asarray(query.hist_valid, bool),
         true_uvz=None if truth is None else truth["gt_future_uvz"],
-        done=pred.done.numpy(),
+        # Drawn up to "done" only where the model stops there (arc-length targets); over a
+        # window the forecast goes on past the step its track is expected to be lost.
+        done=pred.done.numpy() if model.cfg.trace.hold_after_done else None,
         title=f"{source}\n{query.instruction}"
         + ("" if truth is None else " (truth: green dashes)"),
     )
