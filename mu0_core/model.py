@@ -2,9 +2,9 @@
 
 The model contract is small: ``loss(batch)`` for training and ``sample(...)`` for inference.
 
-Targets: each point's future (H steps, re-timed by arc length, step 0 = now) relative to its
-current position is fitted with a clamped cubic B-spline of C control points whose first one is
-anchored at 0 (the trace starts where the point is). The model generates the C-1 free control
+Targets: each point's future (the next H frames, step 0 = now; see ``mu0_core.extract``)
+relative to its current position is fitted with a clamped cubic B-spline of C control points
+whose first one is anchored at 0 (the trace starts where the point is). The model generates the C-1 free control
 points, normalised per (index, axis) with statistics from the training data.
 """
 

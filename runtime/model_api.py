@@ -28,7 +28,8 @@ FRAMES_AND_UNITS = {
     "xyz_cam": "OpenCV camera frame (x right, y down, z forward), metres",
     "intrinsics": "fx, fy, cx, cy in pixels of the sent image",
     "hist_uvz": "absolute; the last of the history steps is the current position",
-    "traces_uvz": "absolute, re-timed by arc length over the horizon",
+    "traces_uvz": "absolute, the forecast over the horizon (step 0 = now): the next H frames "
+    "for our models, the path re-timed by arc length for the published μ0",
 }
 
 

@@ -425,7 +425,7 @@ def truth_targets(
     truth: dict[str, np.ndarray],
     label_valid: np.ndarray,
     config: ExtractConfig,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The simulator's truth for the same queries, in the same target definition: each
     point's position at t (as extracted) attached to the body seen at its pixel at t and
     moved rigidly with that body over the window. Valid wherever the window is inside the

@@ -1,8 +1,8 @@
 """Motion segmentation into chunks, and hierarchical captions.
 
-Segments split an episode where the gripper opens or closes and where motion pauses;
-futures are re-timed over the rest of the current segment, so one target never spans a
-grasp. Captions are two-level: the episode's instruction, then one caption per segment.
+Segments split an episode where the gripper opens or closes and where motion pauses; each
+sample records its segment, whose caption describes what is happening then (futures are a
+fixed time window and may run across a segment's end). Captions are two-level: the episode's instruction, then one caption per segment.
 The default captioner is rule-based (gripper events, direction of motion); a captioning
 model plugs in as any callable ``(instruction, segments) -> list[str]``, registered by
 name or given as ``"package.module:factory"``.
